@@ -1,0 +1,77 @@
+"""Starting a daemon in the background for ``claude-pm init`` and the compatibility API."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from supervisord.client import Client, resolve_socket
+from supervisord.config import write_default_config
+from supervisord.errors import DaemonNotRunning, SupervisordError
+from supervisord.home import Home
+
+READY_TIMEOUT_S = 15.0
+
+
+@dataclass(frozen=True, slots=True)
+class Started:
+    pid: int
+    socket_path: Path
+    already_running: bool
+
+
+def ensure_home(home: Home) -> bool:
+    """Create the home and its default config; returns whether the config was written."""
+    for directory in (home.root, home.logs, home.alerts_log.parent, home.agent_logs, home.run):
+        directory.mkdir(parents=True, exist_ok=True)
+    os.chmod(home.run, 0o700)
+    return write_default_config(home.config_file)
+
+
+def running_pid(home: Home) -> int | None:
+    """The pid of the daemon that answers for ``home``, or None."""
+    try:
+        with Client(resolve_socket(home), timeout_s=5) as client:
+            return int(client.hello()["pid"])
+    except (DaemonNotRunning, OSError):
+        return None
+
+
+def start_daemon(home: Home, environ: Mapping[str, str] | None = None) -> Started:
+    """Start ``claude-pm daemon`` detached and wait until it answers; idempotent."""
+    socket_path = resolve_socket(home)
+    pid = running_pid(home)
+    if pid is not None:
+        return Started(pid=pid, socket_path=socket_path, already_running=True)
+    ensure_home(home)
+    env = dict(os.environ if environ is None else environ)
+    env["CLAUDE_PM_HOME"] = str(home.root)
+    # `daemon --detach` forks, and its parent exits once the child answers (or failed), so the
+    # daemon is never our child: no zombie, and start-up errors come back on stderr right here.
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "supervisord", "daemon", "--detach"],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            env=env,
+            cwd=str(home.root),
+            timeout=READY_TIMEOUT_S,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        raise SupervisordError(
+            f"the daemon did not answer at {socket_path} within {READY_TIMEOUT_S:g} s; "
+            f"see {home.daemon_log}"
+        ) from None
+    if done.returncode != 0:
+        message = done.stderr.decode(errors="replace").strip() or f"exit code {done.returncode}"
+        raise SupervisordError(f"the daemon failed to start: {message}")
+    pid = running_pid(home)
+    if pid is None:
+        raise SupervisordError(f"the daemon started but does not answer at {socket_path}")
+    return Started(pid=pid, socket_path=socket_path, already_running=False)

@@ -1,0 +1,300 @@
+"""Clients of the control socket: ``Client`` (blocking) and ``AsyncClient`` (anyio).
+
+Both find the daemon of a home the way the daemon itself picks its socket, and turn the
+daemon's error responses into :class:`RemoteError` (or :class:`NotFoundError` for
+``not_found``), and a missing daemon into :class:`DaemonNotRunning`.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import json
+import socket
+from collections.abc import AsyncIterator, Iterator, Mapping
+from pathlib import Path
+from typing import Any, Self
+
+import anyio
+from anyio.abc import SocketStream
+from anyio.streams.buffered import BufferedByteReceiveStream
+
+from supervisord.config import environment_overrides, load_config
+from supervisord.errors import (
+    ConfigError,
+    DaemonNotRunning,
+    NotFoundError,
+    ProtocolError,
+    RemoteError,
+    SupervisordError,
+)
+from supervisord.home import Home, find_home
+
+MAX_RESPONSE_BYTES = 64 * 1024 * 1024
+NOT_RUNNING_ERRNOS = {errno.ENOENT, errno.ECONNREFUSED, errno.ENOTSOCK}
+
+
+def resolve_socket(home: Home | None = None) -> Path:
+    """The control socket of ``home`` (default: found from here), as the daemon binds it."""
+    home = home or Home(find_home())
+    try:
+        configured = load_config(home.config_file, {}).daemon.socket
+    except ConfigError:
+        configured = None  # The daemon would not have started on it either; use the default.
+    return home.socket_path(configured)
+
+
+def _request_line(request_id: int, cmd: str, args: Mapping[str, Any]) -> bytes:
+    payload = {
+        "id": request_id,
+        "cmd": cmd,
+        "args": {k: v for k, v in args.items() if v is not None},
+    }
+    return (json.dumps(payload) + "\n").encode()
+
+
+def _result(line: bytes, socket_path: Path) -> Any:
+    if not line:
+        raise DaemonNotRunning(f"the daemon at {socket_path} closed the connection")
+    try:
+        response = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise ProtocolError(f"daemon sent a line that is not JSON: {exc}") from None
+    if not isinstance(response, dict):
+        raise ProtocolError(f"daemon sent {response!r}, not a response object")
+    if response.get("ok"):
+        return response.get("result")
+    error = response.get("error") or {}
+    code, message = str(error.get("code", "error")), str(error.get("message", response))
+    if code == "not_found":
+        raise NotFoundError(message)
+    raise RemoteError(code, message)
+
+
+def _not_running(socket_path: Path, exc: OSError) -> DaemonNotRunning:
+    return DaemonNotRunning(
+        f"no daemon answers at {socket_path} ({exc.strerror or exc}); "
+        "start one with `claude-pm init`"
+    )
+
+
+class _Commands:
+    """One method per protocol command; subclasses supply ``request``."""
+
+    def request(self, cmd: str, **args: Any) -> Any:
+        raise NotImplementedError
+
+    def launch_args(
+        self,
+        agent_type: str,
+        command: list[str] | tuple[str, ...] | None = None,
+        *,
+        task: str | None = None,
+        cwd: str | None = None,
+        env: Mapping[str, str] | None = None,
+        limits: Mapping[str, Any] | None = None,
+        timeout_s: float | None = None,
+        force: bool | None = None,
+    ) -> dict[str, Any]:
+        return {
+            "agent_type": agent_type,
+            "command": list(command) if command else None,
+            "task": task,
+            "cwd": cwd,
+            "env": dict(env) if env else None,
+            "limits": dict(limits) if limits else None,
+            "timeout_s": timeout_s,
+            "force": force,
+        }
+
+
+class Client(_Commands):
+    """A blocking client; one connection, opened on first use."""
+
+    def __init__(self, socket_path: Path | str | None = None, *, timeout_s: float = 60.0) -> None:
+        self.socket_path = Path(socket_path) if socket_path else resolve_socket()
+        self.timeout_s = timeout_s
+        self._sock: socket.socket | None = None
+        self._reader: Any = None
+        self._ids = itertools.count(1)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._reader.close()
+            self._sock.close()
+            self._sock = None
+
+    def _connect(self) -> socket.socket:
+        if self._sock is None:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(self.timeout_s)
+            try:
+                sock.connect(str(self.socket_path))
+            except OSError as exc:
+                sock.close()
+                if exc.errno in NOT_RUNNING_ERRNOS:
+                    raise _not_running(self.socket_path, exc) from None
+                raise
+            self._sock, self._reader = sock, sock.makefile("rb")
+        return self._sock
+
+    def _readline(self) -> bytes:
+        line: bytes = self._reader.readline(MAX_RESPONSE_BYTES)
+        return line
+
+    def request(self, cmd: str, **args: Any) -> Any:
+        sock = self._connect()
+        try:
+            sock.sendall(_request_line(next(self._ids), cmd, args))
+            line = self._readline()
+        except (BrokenPipeError, ConnectionResetError) as exc:
+            self.close()
+            raise _not_running(self.socket_path, exc) from None
+        return _result(line, self.socket_path)
+
+    def hello(self) -> dict[str, Any]:
+        return dict(self.request("hello"))
+
+    def ping(self) -> bool:
+        return bool(self.request("ping")["pong"])
+
+    def status(self) -> dict[str, Any]:
+        return dict(self.request("status"))
+
+    def stats(self, subprocess_id: str | None = None) -> dict[str, Any]:
+        return dict(self.request("stats", subprocess_id=subprocess_id))
+
+    def launch(
+        self, agent_type: str, command: list[str] | None = None, **kw: Any
+    ) -> dict[str, Any]:
+        return dict(self.request("launch", **self.launch_args(agent_type, command, **kw)))
+
+    def stop(self, subprocess_id: str, grace_s: float | None = None) -> dict[str, Any]:
+        return dict(self.request("stop", subprocess_id=subprocess_id, grace_s=grace_s))
+
+    def kill(self, subprocess_id: str) -> dict[str, Any]:
+        return dict(self.request("kill", subprocess_id=subprocess_id))
+
+    def reload(self, env: Mapping[str, str] | None = None) -> dict[str, Any]:
+        env = environment_overrides() if env is None else env
+        return dict(self.request("reload", env=dict(env)))
+
+    def shutdown(self, *, leave_agents: bool = False) -> dict[str, Any]:
+        return dict(self.request("shutdown", leave_agents=leave_agents))
+
+    def subscribe(
+        self, *, levels: list[str] | None = None, types: list[str] | None = None
+    ) -> Iterator[dict[str, Any]]:
+        """Subscribe now; the iterator yields events from here on, until the daemon goes away.
+
+        The request is sent before this returns, so nothing that happens after the call is
+        missed, however late the caller starts iterating.
+        """
+        self.request("subscribe", levels=levels, types=types)
+        assert self._sock is not None
+        self._sock.settimeout(None)
+        return self._events()
+
+    def _events(self) -> Iterator[dict[str, Any]]:
+        try:
+            while line := self._readline():
+                yield json.loads(line)["event"]
+        finally:
+            self.close()
+
+
+class AsyncClient(_Commands):
+    """The anyio client: ``async with AsyncClient() as c: await c.status()``."""
+
+    def __init__(self, socket_path: Path | str | None = None) -> None:
+        self.socket_path = Path(socket_path) if socket_path else resolve_socket()
+        self._stream: SocketStream | None = None
+        self._buffered: BufferedByteReceiveStream | None = None
+        self._ids = itertools.count(1)
+        self._lock = anyio.Lock()
+
+    async def __aenter__(self) -> Self:
+        await self._connect()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        if self._stream is not None:
+            await self._stream.aclose()
+            self._stream = self._buffered = None
+
+    async def _connect(self) -> tuple[SocketStream, BufferedByteReceiveStream]:
+        if self._stream is None or self._buffered is None:
+            try:
+                self._stream = await anyio.connect_unix(self.socket_path)
+            except OSError as exc:
+                if exc.errno in NOT_RUNNING_ERRNOS:
+                    raise _not_running(self.socket_path, exc) from None
+                raise
+            self._buffered = BufferedByteReceiveStream(self._stream)
+        return self._stream, self._buffered
+
+    async def _readline(self) -> bytes:
+        assert self._buffered is not None
+        try:
+            return await self._buffered.receive_until(b"\n", MAX_RESPONSE_BYTES)
+        except (anyio.EndOfStream, anyio.IncompleteRead):
+            return b""
+
+    async def request(self, cmd: str, **args: Any) -> Any:
+        async with self._lock:
+            stream, _ = await self._connect()
+            try:
+                await stream.send(_request_line(next(self._ids), cmd, args))
+            except (anyio.BrokenResourceError, OSError) as exc:
+                await self.aclose()
+                raise DaemonNotRunning(f"the daemon at {self.socket_path} went away") from exc
+            return _result(await self._readline(), self.socket_path)
+
+    async def hello(self) -> dict[str, Any]:
+        return dict(await self.request("hello"))
+
+    async def ping(self) -> bool:
+        return bool((await self.request("ping"))["pong"])
+
+    async def status(self) -> dict[str, Any]:
+        return dict(await self.request("status"))
+
+    async def stats(self, subprocess_id: str | None = None) -> dict[str, Any]:
+        return dict(await self.request("stats", subprocess_id=subprocess_id))
+
+    async def launch(
+        self, agent_type: str, command: list[str] | None = None, **kw: Any
+    ) -> dict[str, Any]:
+        return dict(await self.request("launch", **self.launch_args(agent_type, command, **kw)))
+
+    async def stop(self, subprocess_id: str, grace_s: float | None = None) -> dict[str, Any]:
+        return dict(await self.request("stop", subprocess_id=subprocess_id, grace_s=grace_s))
+
+    async def kill(self, subprocess_id: str) -> dict[str, Any]:
+        return dict(await self.request("kill", subprocess_id=subprocess_id))
+
+    async def reload(self, env: Mapping[str, str] | None = None) -> dict[str, Any]:
+        env = environment_overrides() if env is None else env
+        return dict(await self.request("reload", env=dict(env)))
+
+    async def shutdown(self, *, leave_agents: bool = False) -> dict[str, Any]:
+        return dict(await self.request("shutdown", leave_agents=leave_agents))
+
+    async def subscribe(
+        self, *, levels: list[str] | None = None, types: list[str] | None = None
+    ) -> AsyncIterator[dict[str, Any]]:
+        await self.request("subscribe", levels=levels, types=types)
+        while line := await self._readline():
+            yield json.loads(line)["event"]
+
+
+__all__ = ["AsyncClient", "Client", "SupervisordError", "resolve_socket"]

@@ -1,0 +1,208 @@
+"""The composition root: wires config, logs, supervisor and control server into one daemon.
+
+``serve`` runs until SIGTERM, SIGINT or a ``shutdown`` request, then stops every agent with
+the usual escalation (unless asked to leave them), writes their records and removes the
+socket and pid file. SIGHUP reloads the configuration.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import signal
+import socket
+import time
+from collections.abc import Callable, Mapping
+from contextlib import ExitStack, suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anyio
+import structlog
+from anyio.abc import SocketListener, TaskStatus
+
+from supervisord import __version__
+from supervisord.commands import Commands
+from supervisord.config import ENV_VARIABLES, Config, load_config
+from supervisord.errors import ConfigError, DaemonAlreadyRunning
+from supervisord.eventlog import EventLog, timestamps
+from supervisord.home import Home
+from supervisord.server import ControlServer
+from supervisord.supervisor import Supervisor
+
+log = structlog.get_logger("supervisord.daemon")
+
+
+@dataclass
+class Daemon:
+    """State around the supervisor that commands may ask for: reload, shutdown, identity."""
+
+    home: Home
+    config_path: Path
+    environ: dict[str, str]
+    socket_path: Path
+    supervisor: Supervisor
+    shutdown: anyio.Event = field(default_factory=anyio.Event)
+    leave_agents: bool = False
+    started_wall: dict[str, str] = field(default_factory=timestamps)
+    started_at: float = field(default_factory=time.monotonic)
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "pid": os.getpid(),
+            "version": __version__,
+            "home": str(self.home.root),
+            "socket": str(self.socket_path),
+            "started_at": self.started_wall["timestamp"],
+            "uptime_s": round(time.monotonic() - self.started_at, 1),
+        }
+
+    def reload(self, env: Mapping[str, str] | None) -> dict[str, Any]:
+        """Re-read the file and the guide's variables; an invalid config keeps the old one."""
+        environ = dict(self.environ)
+        if env is not None:
+            # The caller's view of the guide's variables replaces the daemon's own wholesale,
+            # so `unset CLAUDE_PM_MEMORY_MAX_MB; claude-pm reload` goes back to the file.
+            for name in ENV_VARIABLES:
+                environ.pop(name, None)
+            environ.update({k: v for k, v in env.items() if k in ENV_VARIABLES})
+        try:
+            config = load_config(self.config_path, environ)
+        except ConfigError as exc:
+            log.error("reload_rejected", error=str(exc))
+            raise
+        self.environ = environ
+        self.supervisor.apply_config(config)
+        log.info("config_reloaded", sources=list(config.sources))
+        return {"reloaded": True, "config": config.public()}
+
+    def request_shutdown(self, *, leave_agents: bool) -> None:
+        self.leave_agents = leave_agents
+        self.shutdown.set()
+
+
+def acquire_lock(home: Home, stack: ExitStack) -> None:
+    """One daemon per home: an flock that dies with its holder, so a crash never blocks a start."""
+    home.run.mkdir(parents=True, exist_ok=True)
+    fd = os.open(home.lock_file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        holder = read_pid(home)
+        raise DaemonAlreadyRunning(
+            f"a daemon (pid {holder or 'unknown'}) already runs for {home.root}; "
+            "use `claude-pm status`, or `claude-pm shutdown` first"
+        ) from None
+    stack.callback(os.close, fd)
+
+
+def read_pid(home: Home) -> int | None:
+    try:
+        return int(home.pid_file.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def prepare_home(home: Home) -> None:
+    for directory in (home.root, home.logs, home.alerts_log.parent, home.agent_logs):
+        directory.mkdir(parents=True, exist_ok=True)
+    home.run.mkdir(parents=True, exist_ok=True)
+    os.chmod(home.run, 0o700)
+
+
+async def bind_listener(path: Path, stack: ExitStack) -> SocketListener:
+    """Bind the control socket 0600; the lock is held, so any file already there is stale."""
+    _clear_stale(path)
+    old_umask = os.umask(0o177)
+    try:
+        listener = await anyio.create_unix_listener(path)
+    finally:
+        os.umask(old_umask)
+    os.chmod(path, 0o600)
+    stack.callback(_unlink_if_ours, path, os.stat(path).st_ino)
+    return listener
+
+
+def _clear_stale(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    with suppress(FileNotFoundError):
+        path.unlink()
+
+
+def _unlink_if_ours(path: Path, inode: int) -> None:
+    with suppress(OSError):
+        if os.stat(path).st_ino == inode:
+            path.unlink()
+
+
+async def serve(
+    config: Config,
+    home: Home,
+    *,
+    config_path: Path | None = None,
+    environ: Mapping[str, str] | None = None,
+    inherited: socket.socket | None = None,
+    reap_orphans: bool = False,
+    handle_signals: bool = True,
+    on_tick: Callable[[int], None] | None = None,
+    task_status: TaskStatus[Path] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run one daemon for ``home`` until asked to stop; reports the socket path when ready."""
+    with ExitStack() as stack:
+        prepare_home(home)
+        acquire_lock(home, stack)
+        socket_path = home.socket_path(config.daemon.socket)
+        if inherited is not None:
+            # systemd owns an inherited socket's file: neither bind, chmod nor unlink it here.
+            listener: SocketListener = await SocketListener.from_socket(inherited)
+            socket_path = Path(inherited.getsockname())
+        else:
+            listener = await bind_listener(socket_path, stack)
+        home.pid_file.write_text(f"{os.getpid()}\n")
+        stack.callback(home.pid_file.unlink, missing_ok=True)
+        eventlog = EventLog(home, config.daemon.log_max_bytes, config.daemon.log_backups)
+        stack.callback(eventlog.close)
+        supervisor = Supervisor(config, home, eventlog, reap_orphans=reap_orphans, on_tick=on_tick)
+        daemon = Daemon(
+            home=home,
+            config_path=config_path or home.config_file,
+            environ=dict(os.environ if environ is None else environ),
+            socket_path=socket_path,
+            supervisor=supervisor,
+        )
+        server = ControlServer(Commands(supervisor, daemon), config.daemon)
+        async with anyio.create_task_group() as tg:
+            await tg.start(supervisor.run)
+            await tg.start(server.serve, listener)
+            if handle_signals:
+                tg.start_soon(_signals, daemon)
+            log.info(
+                "daemon_started",
+                pid=os.getpid(),
+                socket=str(socket_path),
+                home=str(home.root),
+                config=config.public(),
+            )
+            task_status.started(socket_path)
+            await daemon.shutdown.wait()
+            log.info(
+                "daemon_stopping", agents=len(supervisor.agents), leave_agents=daemon.leave_agents
+            )
+            if not daemon.leave_agents:
+                with anyio.CancelScope(shield=True):
+                    await supervisor.stop_all()
+            tg.cancel_scope.cancel()
+        log.info("daemon_stopped")
+
+
+async def _signals(daemon: Daemon) -> None:
+    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async for signum in signals:
+            if signum == signal.SIGHUP:
+                with suppress(ConfigError):
+                    daemon.reload(None)
+            else:
+                log.info("signal_received", signal=signal.Signals(signum).name)
+                daemon.request_shutdown(leave_agents=False)

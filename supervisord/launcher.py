@@ -1,0 +1,124 @@
+"""Starting agents: own session and process group, output to a log file, exit seen via pidfd.
+
+``subprocess.Popen`` without ``preexec_fn`` keeps the fast vfork/posix_spawn path; asyncio's
+child watcher is avoided because Python 3.11 starts a thread per child for it.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import subprocess
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import anyio
+
+from supervisord import procfs
+from supervisord.errors import LaunchError
+from supervisord.sampler import MARKER_ENV
+
+# Raising is allowed without privileges: a system-wide OOM then picks an agent, not the daemon.
+AGENT_OOM_SCORE_ADJ = 500
+
+
+@dataclass(frozen=True, slots=True)
+class Credentials:
+    """Who an agent runs as when a root daemon launches for another user."""
+
+    uid: int
+    gid: int
+    groups: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class LaunchSpec:
+    subprocess_id: str
+    agent_type: str
+    command: tuple[str, ...]
+    log_path: Path
+    cwd: str | None = None
+    env: Mapping[str, str] | None = None
+    user: Credentials | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ExitStatus:
+    exit_code: int | None
+    signal: str | None
+
+    def describe(self) -> str:
+        return f"killed by {self.signal}" if self.signal else f"exit code {self.exit_code}"
+
+
+@dataclass(slots=True)
+class Child:
+    pid: int
+    start: int
+    pidfd: int
+    popen: subprocess.Popen[bytes]
+
+
+def new_subprocess_id(agent_type: str) -> str:
+    return f"{agent_type}_{secrets.token_hex(6)}"
+
+
+def spawn(spec: LaunchSpec) -> Child:
+    """Start the agent; raises :class:`LaunchError` with the reason when it cannot start."""
+    spec.log_path.parent.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ if spec.env is None else spec.env)
+    env[MARKER_ENV] = spec.subprocess_id
+    env["CLAUDE_PM_AGENT_TYPE"] = spec.agent_type
+    try:
+        with open(spec.log_path, "ab") as log:
+            if spec.user is not None:
+                os.fchown(log.fileno(), spec.user.uid, spec.user.gid)
+            popen = subprocess.Popen(
+                spec.command,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=spec.cwd,
+                env=env,
+                start_new_session=True,
+                close_fds=True,
+                user=None if spec.user is None else spec.user.uid,
+                group=None if spec.user is None else spec.user.gid,
+                extra_groups=None if spec.user is None else list(spec.user.groups),
+            )
+    except FileNotFoundError as exc:
+        missing = exc.filename if exc.filename else spec.command[0]
+        if spec.cwd and not Path(spec.cwd).is_dir():
+            raise LaunchError(f"cwd {spec.cwd!r} does not exist") from exc
+        raise LaunchError(f"executable {missing!r} not found (PATH or absolute path)") from exc
+    except PermissionError as exc:
+        raise LaunchError(f"cannot run {spec.command[0]!r}: {exc.strerror}") from exc
+    except (OSError, ValueError, subprocess.SubprocessError) as exc:
+        raise LaunchError(f"cannot start {spec.command[0]!r}: {exc}") from exc
+    pidfd = os.pidfd_open(popen.pid)
+    start = procfs.start_time(popen.pid) or 0
+    try:
+        with open(f"/proc/{popen.pid}/oom_score_adj", "w", encoding="ascii") as f:
+            f.write(str(AGENT_OOM_SCORE_ADJ))
+    except OSError:
+        pass  # Not on Linux, or the agent already exited: nothing to protect.
+    return Child(pid=popen.pid, start=start, pidfd=pidfd, popen=popen)
+
+
+async def wait_exit(child: Child) -> ExitStatus:
+    """Wait for the agent's own process to end and reap it through its pidfd."""
+    await anyio.wait_readable(child.pidfd)
+    # The pidfd is readable only once the process has ended, so this returns at once.
+    info = os.waitid(os.P_PIDFD, child.pidfd, os.WEXITED)  # noqa: ASYNC222
+    os.close(child.pidfd)
+    child.pidfd = -1
+    assert info is not None  # WEXITED without WNOHANG always returns the status.
+    if info.si_code == os.CLD_EXITED:
+        status = ExitStatus(exit_code=info.si_status, signal=None)
+        child.popen.returncode = info.si_status
+    else:
+        status = ExitStatus(exit_code=None, signal=signal.Signals(info.si_status).name)
+        child.popen.returncode = -info.si_status
+    return status

@@ -1,0 +1,171 @@
+"""The control server: JSON lines over a Unix stream socket.
+
+Every connection is bounded: who may connect (SO_PEERCRED: the daemon's user and root), how
+many at once, how long a line may be, how long a client may sit idle and how long it may
+take to finish a line it started. A bad client gets an error or a closed connection; the
+daemon and every other client carry on.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+from contextlib import suppress
+from typing import Any
+
+import anyio
+import structlog
+from anyio.abc import ByteStream, SocketAttribute, SocketListener, TaskStatus
+
+from supervisord import protocol
+from supervisord.commands import Commands, Peer
+from supervisord.config import DaemonSettings
+from supervisord.errors import SupervisordError
+from supervisord.protocol import LineBuffer, LineTooLong, Request, RequestError
+
+log = structlog.get_logger("supervisord.server")
+RECEIVE_CHUNK = 65536
+
+
+def peer_of(stream: ByteStream) -> Peer:
+    raw: socket.socket = stream.extra(SocketAttribute.raw_socket)
+    data = raw.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, uid, gid = struct.unpack("3i", data)
+    return Peer(pid=pid, uid=uid, gid=gid)
+
+
+def allowed(peer: Peer) -> bool:
+    return peer.uid in (0, os.geteuid())
+
+
+class ControlServer:
+    def __init__(self, commands: Commands, settings: DaemonSettings) -> None:
+        self.commands = commands
+        self.settings = settings
+        self.connections = 0
+
+    async def serve(
+        self, listener: SocketListener, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        async with listener:
+            task_status.started()
+            await listener.serve(self.connection)
+
+    async def connection(self, stream: ByteStream) -> None:
+        self.connections += 1
+        try:
+            async with stream:
+                await self._converse(stream)
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, ConnectionError, OSError):
+            pass  # The client went away; nothing of the daemon's depends on it.
+        finally:
+            self.connections -= 1
+
+    async def _converse(self, stream: ByteStream) -> None:
+        peer = peer_of(stream)
+        if self.connections > self.settings.max_connections:
+            await self._send(
+                stream,
+                protocol.error(
+                    None,
+                    "too_many_connections",
+                    f"the daemon serves at most {self.settings.max_connections} connections "
+                    "(daemon.max_connections); try again later",
+                ),
+            )
+            return
+        if not allowed(peer):
+            log.warning("peer_refused", uid=peer.uid, pid=peer.pid)
+            await self._send(
+                stream,
+                protocol.error(
+                    None,
+                    "permission_denied",
+                    f"uid {peer.uid} may not use this daemon: only uid {os.geteuid()} and root may",
+                ),
+            )
+            return
+        buffer = LineBuffer(self.settings.max_line_bytes)
+        while True:
+            timeout = (
+                self.settings.line_timeout_s if buffer.pending else self.settings.idle_timeout_s
+            )
+            data = b""
+            with anyio.move_on_after(timeout):
+                try:
+                    data = await stream.receive(RECEIVE_CHUNK)
+                except anyio.EndOfStream:
+                    return
+            if not data:
+                what = "finish its request line" if buffer.pending else "send a request"
+                await self._send(
+                    stream,
+                    protocol.error(
+                        None, "timeout", f"closing: client took over {timeout:g} s to {what}"
+                    ),
+                )
+                return
+            try:
+                lines = buffer.feed(data)
+            except LineTooLong as exc:
+                await self._send(stream, protocol.error(None, exc.code, f"closing: {exc}"))
+                return
+            for line in lines:
+                if line.strip() and not await self._request(stream, line, peer):
+                    return
+
+    async def _request(self, stream: ByteStream, line: bytes, peer: Peer) -> bool:
+        """Answer one line; False when the connection is done (a subscription ended)."""
+        try:
+            request = protocol.decode_request(line)
+        except RequestError as exc:
+            await self._send(stream, protocol.error(exc.request_id, exc.code, str(exc)))
+            return True
+        except SupervisordError as exc:
+            await self._send(stream, protocol.error(None, exc.code, str(exc)))
+            return True
+        if request.cmd == "subscribe":
+            await self._subscribe(stream, request)
+            return False
+        try:
+            result = await self.commands.handle(request, peer)
+        except SupervisordError as exc:
+            response = protocol.error(request.id, exc.code, str(exc))
+        except Exception as exc:  # A bug must cost one request, never the daemon.
+            log.exception("request_failed", cmd=request.cmd)
+            response = protocol.error(request.id, "internal", f"{type(exc).__name__}: {exc}")
+        else:
+            response = protocol.ok(request.id, result)
+        await self._send(stream, response)
+        return True
+
+    async def _subscribe(self, stream: ByteStream, request: Request) -> None:
+        levels = set(request.args.get("levels") or ())
+        types = set(request.args.get("types") or ())
+        async with self.commands.supervisor.bus.subscribe() as events:
+            await self._send(stream, protocol.ok(request.id, {"subscribed": True}))
+            async with anyio.create_task_group() as tg:
+
+                async def until_closed() -> None:
+                    # Anything the client sends now, or its hang-up, ends the subscription.
+                    with suppress(anyio.EndOfStream, anyio.BrokenResourceError, OSError):
+                        await stream.receive(1)
+                    tg.cancel_scope.cancel()
+
+                tg.start_soon(until_closed)
+                async for event in events:
+                    if _wanted(event, levels, types):
+                        await self._send(stream, protocol.event(request.id, event))
+                tg.cancel_scope.cancel()
+
+    async def _send(self, stream: ByteStream, data: bytes) -> None:
+        # A client that stops reading must not hold this task forever.
+        with anyio.fail_after(self.settings.line_timeout_s):
+            await stream.send(data)
+
+
+def _wanted(event: dict[str, Any], levels: set[str], types: set[str]) -> bool:
+    if types and event.get("type") not in types:
+        return False
+    return not (levels and event.get("type") == "alert" and event.get("level") not in levels)

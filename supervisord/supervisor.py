@@ -1,0 +1,394 @@
+"""The supervisor owns the agents: it samples, feeds the policy and carries out its actions.
+
+Nothing else mutates agent state. One sampling loop serves every agent: it scans /proc in a
+worker thread, steps each agent's policy and sleeps until the next interval or the next
+deadline (a grace period or timeout running out), or until something wakes it early.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections.abc import Callable, Mapping
+from contextlib import suppress
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import anyio
+import structlog
+from anyio.abc import TaskGroup, TaskStatus
+
+from supervisord import enforcer, launcher, policy
+from supervisord.bus import Broadcaster
+from supervisord.config import Config, Limits
+from supervisord.errors import LaunchError, LaunchRefused, NotFoundError
+from supervisord.eventlog import EventLog, timestamps
+from supervisord.events import Action, Alert, AlertEvent, EndReason, Level, Signal
+from supervisord.home import Home
+from supervisord.launcher import Child, Credentials, ExitStatus, LaunchSpec
+from supervisord.sampler import Identity, Root, Sampler, ScanResult
+from supervisord.sysmem import system_memory
+
+log = structlog.get_logger("supervisord.supervisor")
+
+
+@dataclass(frozen=True, slots=True)
+class LaunchRequest:
+    agent_type: str
+    command: tuple[str, ...] | None = None
+    task: str | None = None
+    cwd: str | None = None
+    env: Mapping[str, str] = field(default_factory=dict)
+    limits: Mapping[str, Any] = field(default_factory=dict)
+    force: bool = False
+    user: Credentials | None = None
+
+
+@dataclass(eq=False)
+class Agent:
+    id: str
+    agent_type: str
+    command: tuple[str, ...]
+    child: Child
+    limits: Limits
+    overrides: Mapping[str, Any]
+    started_wall: datetime
+    state: policy.AgentState
+    members: tuple[Identity, ...] = ()
+    start_mb: float | None = None
+    end_mb: float = 0.0
+    exit: ExitStatus | None = None
+    record: dict[str, Any] | None = None
+    done: anyio.Event = field(default_factory=anyio.Event)
+
+    def status_word(self) -> str:
+        if self.state.ending is not None and self.state.ending.aborted:
+            return "ABORTED"
+        return self.state.level.name
+
+    def stats(self, now: float) -> dict[str, Any]:
+        return {
+            "subprocess_id": self.id,
+            "agent_type": self.agent_type,
+            "pid": self.child.pid,
+            "command": list(self.command),
+            "current_mb": round(self.state.current_mb, 1),
+            "peak_mb": round(self.state.peak_mb, 1),
+            "start_mb": self.start_mb,
+            "level": self.state.level.name,
+            "status": self.status_word(),
+            "tree_pids": [pid for pid, _ in self.members],
+            "process_count": len(self.members),
+            "started_at": timestamps(self.started_wall)["timestamp"],
+            "duration_seconds": round(now - self.state.started_at, 1),
+            "warnings_count": len(self.state.warnings),
+            "warnings": list(self.state.warnings),
+            "ending": None if self.state.ending is None else self.state.ending.value,
+            "limits": self.limits.as_dict(),
+        }
+
+
+class Supervisor:
+    def __init__(
+        self,
+        config: Config,
+        home: Home,
+        eventlog: EventLog,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        reap_orphans: bool = False,
+        on_tick: Callable[[int], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.home = home
+        self.eventlog = eventlog
+        self.bus = Broadcaster()
+        self.clock = clock
+        self.reap_orphans = reap_orphans
+        self.on_tick = on_tick
+        self.agents: dict[str, Agent] = {}
+        self.last_scan: ScanResult | None = None
+        self._sampler = Sampler()
+        self._limiter = anyio.CapacityLimiter(1)
+        self._wake = anyio.Event()
+        self._tg: TaskGroup | None = None
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        async with anyio.create_task_group() as tg:
+            self._tg = tg
+            tg.start_soon(self._sample_loop)
+            task_status.started()
+
+    # -- commands ---------------------------------------------------------------------------
+
+    async def launch(self, request: LaunchRequest) -> Agent:
+        assert self._tg is not None, "Supervisor.run() must be started first"
+        limits = self.config.limits_for(request.agent_type, request.limits)
+        command = self._command(request)
+        subprocess_id = launcher.new_subprocess_id(request.agent_type)
+        available = system_memory().available_mb
+        if not request.force and available < limits.warning_mb:
+            message = (
+                f"launch of {request.agent_type} refused: {available:.1f} MB available is below "
+                f"its warning_mb {limits.warning_mb:g} MB (free memory, lower warning_mb, or force)"
+            )
+            alert = Alert(AlertEvent.LAUNCH_REFUSED, Level.WARNING, 0.0, limits.warning_mb, message)
+            self._write_alert(subprocess_id, request.agent_type, None, alert, EndReason.STOPPED)
+            raise LaunchRefused(message)
+        agent_type = self.config.agent_type(request.agent_type)
+        env = {**os.environ, **agent_type.env, **request.env}
+        spec = LaunchSpec(
+            subprocess_id=subprocess_id,
+            agent_type=request.agent_type,
+            command=command,
+            log_path=self.home.agent_log(subprocess_id),
+            cwd=request.cwd or agent_type.cwd,
+            env=env,
+            user=request.user,
+        )
+        child = launcher.spawn(spec)
+        now = self.clock()
+        agent = Agent(
+            id=subprocess_id,
+            agent_type=request.agent_type,
+            command=command,
+            child=child,
+            limits=limits,
+            overrides=dict(request.limits),
+            started_wall=datetime.now(UTC),
+            state=policy.AgentState(started_at=now),
+            members=((child.pid, child.start),),
+        )
+        self.agents[subprocess_id] = agent
+        self._tg.start_soon(self._watch_exit, agent)
+        log.info(
+            "agent_launched", subprocess_id=subprocess_id, pid=child.pid, command=list(command)
+        )
+        self.bus.publish({"type": "launch", **agent.stats(now), **timestamps()})
+        self._wake.set()
+        return agent
+
+    def get(self, subprocess_id: str) -> Agent:
+        try:
+            return self.agents[subprocess_id]
+        except KeyError:
+            raise NotFoundError(f"no agent {subprocess_id}") from None
+
+    def stats(self) -> list[dict[str, Any]]:
+        now = self.clock()
+        return [agent.stats(now) for agent in self.agents.values()]
+
+    async def stop(
+        self,
+        subprocess_id: str,
+        grace_s: float | None = None,
+        reason: EndReason = EndReason.STOPPED,
+    ) -> dict[str, Any]:
+        """End one agent with the usual escalation and return its final stats record."""
+        agent = self.get(subprocess_id)
+        grace = agent.limits.term_grace_s if grace_s is None else grace_s
+        agent.state, actions = policy.request_end(agent.state, self.clock(), reason, grace)
+        self._carry_out(agent, actions)
+        self._wake.set()
+        await agent.done.wait()
+        assert agent.record is not None
+        return agent.record
+
+    async def stop_all(self, reason: EndReason = EndReason.DAEMON_SHUTDOWN) -> None:
+        async with anyio.create_task_group() as tg:
+            for subprocess_id in list(self.agents):
+                tg.start_soon(self._stop_quietly, subprocess_id, reason)
+
+    def apply_config(self, config: Config) -> None:
+        """New thresholds for running agents (``reload``); their launch overrides still win."""
+        for agent in self.agents.values():
+            agent.limits = config.limits_for(agent.agent_type, agent.overrides)
+        self.config = config
+        self._wake.set()
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    async def _sample_loop(self) -> None:
+        while True:
+            self._wake = anyio.Event()
+            await self.sample_once()
+            delay = self._next_delay()
+            with anyio.move_on_after(delay):
+                await self._wake.wait()
+
+    async def sample_once(self) -> None:
+        roots = {
+            a.id: Root(a.child.pid, a.child.start, a.limits.metric, 0.9 * a.limits.warning_mb)
+            for a in self.agents.values()
+        }
+        result = await anyio.to_thread.run_sync(self._sampler.sample, roots, limiter=self._limiter)
+        self.last_scan = result
+        now = self.clock()
+        for agent_id, tree in result.trees.items():
+            agent = self.agents.get(agent_id)
+            if agent is None:
+                continue
+            agent.members = tree.members
+            mb = None
+            if tree.members:
+                mb = tree.mb
+                if mb > 0:  # A process being killed shows 0 for an instant before it is gone.
+                    agent.end_mb = mb
+                if agent.start_mb is None:
+                    agent.start_mb = mb
+            agent.state, actions = policy.step(agent.state, now, agent.limits, mb)
+            self._carry_out(agent, actions)
+            if agent.exit is not None and not tree.members:
+                self._finish(agent)
+        if self.reap_orphans:
+            _reap(result.orphan_zombies)
+        if self.on_tick is not None:
+            self.on_tick(len(self.agents))
+
+    def _next_delay(self) -> float:
+        now = self.clock()
+        wake = now + self.config.check_interval_s
+        for agent in self.agents.values():
+            deadline = policy.next_deadline(agent.state, agent.limits)
+            if deadline is not None:
+                wake = min(wake, deadline)
+        return max(0.0, wake - now)
+
+    async def _watch_exit(self, agent: Agent) -> None:
+        agent.exit = await launcher.wait_exit(agent.child)
+        log.info("agent_exited", subprocess_id=agent.id, status=agent.exit.describe())
+        # What the agent leaves behind is stopped too: an orphaned helper is still its tree.
+        agent.state, actions = policy.root_exited(
+            agent.state, self.clock(), agent.limits.term_grace_s
+        )
+        self._carry_out(agent, actions)
+        self._wake.set()
+
+    async def _stop_quietly(self, subprocess_id: str, reason: EndReason) -> None:
+        with suppress(NotFoundError):  # It may have ended on its own meanwhile.
+            await self.stop(subprocess_id, reason=reason)
+
+    # -- actions ----------------------------------------------------------------------------
+
+    def _carry_out(self, agent: Agent, actions: list[Action]) -> None:
+        for action in actions:
+            if isinstance(action, Alert):
+                self._write_alert(
+                    agent.id, agent.agent_type, agent.child.pid, action, agent.state.ending
+                )
+            elif isinstance(action, Signal):
+                self._send(agent, action)
+
+    def _send(self, agent: Agent, action: Signal) -> None:
+        sent: list[int] = []
+        if agent.child.pidfd >= 0 and enforcer.signal_pidfd(agent.child.pidfd, action.signal):
+            sent.append(agent.child.pid)
+        others = [m for m in agent.members if m[0] != agent.child.pid]
+        sent += enforcer.signal_tree(others, action.signal)
+        if sent:
+            log.info(
+                "signal_sent",
+                subprocess_id=agent.id,
+                signal=action.signal.name,
+                reason=action.reason.value,
+                pids=sent,
+            )
+
+    def _write_alert(
+        self,
+        subprocess_id: str,
+        agent_type: str,
+        pid: int | None,
+        alert: Alert,
+        reason: EndReason | None,
+    ) -> None:
+        record = {
+            **timestamps(),
+            "level": alert.level.name,
+            "event": alert.event.value,
+            "subprocess_id": subprocess_id,
+            "agent_type": agent_type,
+            "pid": pid,
+            "current_mb": round(alert.current_mb, 1),
+            "threshold_mb": alert.threshold_mb,
+            "message": alert.message,
+            "system_memory": system_memory().as_dict(),
+        }
+        if reason is not None:
+            record["reason"] = reason.value
+        self.eventlog.alerts.write(record)
+        log.warning(
+            "memory_alert",
+            subprocess_id=subprocess_id,
+            alert_event=alert.event.value,
+            message=alert.message,
+        )
+        self.bus.publish({"type": "alert", **record})
+
+    def _finish(self, agent: Agent) -> None:
+        assert agent.exit is not None
+        now = self.clock()
+        reason = agent.state.ending or EndReason.EXITED
+        record = {
+            "subprocess_id": agent.id,
+            "agent_type": agent.agent_type,
+            "pid": agent.child.pid,
+            "command": list(agent.command),
+            "exit_code": agent.exit.exit_code,
+            "signal": agent.exit.signal,
+            "reason": reason.value,
+            "memory_stats": {
+                "start_mb": agent.start_mb if agent.start_mb is not None else 0.0,
+                "peak_mb": round(agent.state.peak_mb, 1),
+                "end_mb": round(agent.end_mb, 1),
+                "duration_seconds": round(now - agent.state.started_at, 1),
+                "warnings": list(agent.state.warnings),
+                "aborted": reason.aborted,
+            },
+            **timestamps(),
+        }
+        self.eventlog.stats.write(record)
+        agent.record = record
+        del self.agents[agent.id]
+        self._sampler.forget(agent.id)
+        log.info(
+            "agent_finished",
+            subprocess_id=agent.id,
+            reason=reason.value,
+            peak_mb=round(agent.state.peak_mb, 1),
+        )
+        self.bus.publish({"type": "exit", **record})
+        agent.done.set()
+
+    def _command(self, request: LaunchRequest) -> tuple[str, ...]:
+        if request.command:
+            return tuple(request.command)
+        agent_type = self.config.agent_type(request.agent_type)
+        key = f"agents.{request.agent_type}.command"
+        if agent_type.command is None:
+            raise LaunchError(
+                f"no command for agent type {request.agent_type!r}: set {key} in "
+                f'{self.home.config_file} (e.g. command = ["claude", "-p", "{{task}}"]) '
+                "or pass a command"
+            )
+        task = request.task or ""
+        command = tuple(arg.replace("{task}", task) for arg in agent_type.command)
+        if not _executable_exists(command[0]):
+            raise LaunchError(
+                f"executable {command[0]!r} of {key} not found: install it or set {key} "
+                f"in {self.home.config_file}"
+            )
+        return command
+
+
+def _executable_exists(name: str) -> bool:
+    return shutil.which(name) is not None
+
+
+def _reap(pids: tuple[int, ...]) -> None:
+    """Reap adopted orphans by pid; never waitpid(-1), which would steal agents' statuses."""
+    for pid in pids:
+        with suppress(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)
