@@ -292,7 +292,11 @@ class AsyncClient(_Commands):
     async def subscribe(
         self, *, levels: list[str] | None = None, types: list[str] | None = None
     ) -> AsyncIterator[dict[str, Any]]:
+        """Subscribe now (``events = await c.subscribe()``), then ``async for e in events``."""
         await self.request("subscribe", levels=levels, types=types)
+        return self._events()
+
+    async def _events(self) -> AsyncIterator[dict[str, Any]]:
         while line := await self._readline():
             yield json.loads(line)["event"]
 

@@ -158,6 +158,10 @@ def load_config(path: Path | None, environ: Mapping[str, str] | None = None) -> 
     limits = replace(config.limits, **env_limits).validated("memory (with environment)")
     daemon = replace(config.daemon, **env_daemon)
     _check_interval(daemon)
+    for name, agent in config.agents.items():
+        # A type's limits must also rise together with [memory] and the environment: a
+        # section no launch could use fails at start (or reload), not at its first launch.
+        _apply_limits(limits, agent.limits, "").validated(f"[agents.{name}] with [memory]")
     return replace(config, limits=limits, daemon=daemon, sources=tuple(sources))
 
 
@@ -274,7 +278,10 @@ def _from_environment(env: Mapping[str, str]) -> tuple[dict[str, Any], dict[str,
         word = raw_disable.strip().lower()
         if word in TRUE_WORDS:
             limits["enabled"] = False
-        elif word not in FALSE_WORDS:
+        elif word in FALSE_WORDS:
+            if word:  # An explicit "false" overrides the file's enabled = false; "" is unset.
+                limits["enabled"] = True
+        else:
             raise ConfigError(f"{ENV_DISABLE}={raw_disable!r} is not allowed; use true or false")
         used.append(ENV_DISABLE)
     return limits, daemon, used

@@ -1,0 +1,1 @@
+"""Compatibility package for the operational guide: thin wrappers over ``supervisord``."""

@@ -1,0 +1,195 @@
+"""The kill path, end to end: a real daemon, real agents, real signals, real log files."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import anyio
+import pytest
+
+from supervisord.client import AsyncClient
+from supervisord.errors import RemoteError
+from tests.conftest import (
+    TEST_MEMORY,
+    DaemonProcess,
+    Events,
+    agent_script,
+    alive,
+    read_jsonl,
+    simagent,
+    wait_output,
+)
+
+pytestmark = pytest.mark.anyio
+GRACE_S = TEST_MEMORY["term_grace_s"]
+INTERVAL_S = TEST_MEMORY["check_interval_s"]
+
+
+async def launch(client: AsyncClient, agent_type: str, command: list[str], **kw: object) -> str:
+    result = await client.launch(agent_type, command, **kw)
+    return str(result["subprocess_id"])
+
+
+async def test_hog_crosses_every_level_and_is_terminated(daemon: DaemonProcess) -> None:
+    async with daemon.async_client() as client, daemon.async_client() as sub:
+        events = await Events(sub).start()
+        sid = await launch(client, "hog", simagent("--hold-mb", "10", "--rate", "150"))
+        record = await events.exit_of(sid)
+    assert record["reason"] == "memory_limit"
+    assert record["signal"] == "SIGTERM"
+    assert record["exit_code"] is None
+    stats = record["memory_stats"]
+    assert stats["aborted"] is True
+    assert stats["peak_mb"] >= TEST_MEMORY["max_mb"]
+    assert [w.split(":")[0] for w in stats["warnings"]] == ["WARNING", "CRITICAL"]
+
+    alerts = [a for a in read_jsonl(daemon.home.alerts_log) if a["subprocess_id"] == sid]
+    assert [a["event"] for a in alerts] == ["memory_warning", "memory_critical", "sigterm_sent"]
+    assert [a["level"] for a in alerts] == ["WARNING", "CRITICAL", "CRITICAL"]
+    assert [a["threshold_mb"] for a in alerts] == [100, 150, 200]
+    for alert in alerts:
+        assert alert["agent_type"] == "hog"
+        assert alert["current_mb"] >= alert["threshold_mb"]
+        assert set(alert["system_memory"]) == {
+            "total_mb",
+            "available_mb",
+            "used_mb",
+            "percent",
+            "free_mb",
+        }
+        assert alert["ts"].endswith("Z")
+        assert "+" not in alert["timestamp"]
+    (stats_line,) = [r for r in read_jsonl(daemon.home.stats_log) if r["subprocess_id"] == sid]
+    assert stats_line == {k: v for k, v in record.items() if k != "type"}
+
+
+async def test_whole_tree_is_gone_within_grace_plus_two_intervals(daemon: DaemonProcess) -> None:
+    command = agent_script("forker", "--children", "2", "--hold-mb", "5", "--leak-rate", "150")
+    async with daemon.async_client() as client, daemon.async_client() as sub:
+        events = await Events(sub).start()
+        sid = await launch(client, "tree", command)
+        # Root, two children and two grandchildren: wait until the daemon counts all five.
+        with anyio.fail_after(10):
+            while len((await client.stats(sid))["tree_pids"]) < 5:
+                await anyio.sleep(0.05)
+        pids = (await client.stats(sid))["tree_pids"]
+        term = await events.next_matching(20, type="alert", subprocess_id=sid, event="sigterm_sent")
+        record = await events.exit_of(sid, timeout_s=GRACE_S + 2 * INTERVAL_S + 1.0)
+    assert record["reason"] == "memory_limit"
+    assert term["current_mb"] >= TEST_MEMORY["max_mb"]
+    assert [pid for pid in pids if alive(pid)] == []
+
+
+async def test_sigterm_ignoring_tree_is_sigkilled(daemon: DaemonProcess) -> None:
+    command = simagent(
+        "--hold-mb", "10", "--rate", "150", "--cap", "300", "--in-child", "--ignore-term"
+    )
+    async with daemon.async_client() as client, daemon.async_client() as sub:
+        events = await Events(sub).start()
+        sid = await launch(client, "stubborn", command)
+        record = await events.exit_of(sid, timeout_s=20)
+    assert record["reason"] == "memory_limit"
+    assert record["signal"] == "SIGKILL"
+    assert events.alerts_of(sid)[-2:] == ["sigterm_sent", "sigkill_sent"]
+
+
+async def test_normal_exit_reports_exit_code(aclient: AsyncClient, daemon: DaemonProcess) -> None:
+    async with daemon.async_client() as sub:
+        events = await Events(sub).start()
+        sid = await launch(
+            aclient, "quick", simagent("--hold-mb", "1", "--duration", "0.2", "--exit-code", "3")
+        )
+        record = await events.exit_of(sid)
+    assert (record["reason"], record["exit_code"], record["signal"]) == ("exited", 3, None)
+    assert record["memory_stats"]["aborted"] is False
+    assert record["memory_stats"]["warnings"] == []
+    log = daemon.home.agent_log(sid).read_text()
+    assert "simagent pid" in log
+
+
+async def test_stop_through_socket(aclient: AsyncClient) -> None:
+    sid = await launch(aclient, "idle", simagent("--hold-mb", "5"))
+    with anyio.fail_after(10):
+        record = await aclient.stop(sid, grace_s=2)
+    assert record["reason"] == "stopped"
+    assert record["signal"] == "SIGTERM"
+    assert record["memory_stats"]["aborted"] is False
+    with pytest.raises(Exception, match="no agent"):
+        await aclient.stats(sid)
+
+
+async def test_kill_through_socket(aclient: AsyncClient, daemon: DaemonProcess) -> None:
+    sid = await launch(aclient, "idle", simagent("--hold-mb", "5", "--ignore-term"))
+    await wait_output(daemon.home, sid, "simagent pid")
+    with anyio.fail_after(10):
+        record = await aclient.kill(sid)
+    assert (record["reason"], record["signal"]) == ("stopped", "SIGKILL")
+
+
+async def test_timeout(aclient: AsyncClient, daemon: DaemonProcess) -> None:
+    async with daemon.async_client() as sub:
+        events = await Events(sub).start()
+        sid = await launch(aclient, "slow", simagent("--hold-mb", "5"), timeout_s=0.5)
+        record = await events.exit_of(sid, timeout_s=10)
+    assert record["reason"] == "timeout"
+    assert record["memory_stats"]["aborted"] is True
+    assert record["memory_stats"]["duration_seconds"] >= 0.5
+    assert "timeout" in events.alerts_of(sid)
+
+
+async def test_escaped_setsid_grandchild_is_counted_and_killed(
+    daemon: DaemonProcess, short_tmp: Path
+) -> None:
+    pidfile = short_tmp / "escaped.pid"
+    command = agent_script("escaper", "--leak-rate", "150", "--pidfile", str(pidfile))
+    async with daemon.async_client() as client, daemon.async_client() as sub:
+        events = await Events(sub).start()
+        sid = await launch(client, "escaper", command)
+        record = await events.exit_of(sid, timeout_s=20)
+    escaped = int(pidfile.read_text())
+    assert record["reason"] == "memory_limit"
+    assert record["memory_stats"]["peak_mb"] >= TEST_MEMORY["max_mb"]
+    assert not alive(escaped)
+
+
+async def test_launch_refused_below_warning_unless_forced(
+    aclient: AsyncClient, daemon: DaemonProcess
+) -> None:
+    huge = {"warning_mb": 10**8, "critical_mb": 2 * 10**8, "max_mb": 3 * 10**8}
+    with pytest.raises(RemoteError) as refused:
+        await aclient.launch("big", simagent(), limits=huge)
+    assert refused.value.code == "launch_refused"
+    assert "below its warning_mb" in str(refused.value)
+    (alert,) = [a for a in read_jsonl(daemon.home.alerts_log) if a["event"] == "launch_refused"]
+    assert alert["agent_type"] == "big"
+    forced = await aclient.launch("big", simagent("--duration", "0.1"), limits=huge, force=True)
+    assert forced["pid"] > 0
+
+
+async def test_daemon_sigterm_stops_agents_and_cleans_up(daemon: DaemonProcess) -> None:
+    async with daemon.async_client() as client:
+        sids = [await launch(client, "worker", simagent("--hold-mb", "5")) for _ in range(2)]
+        stubborn = await launch(client, "worker", simagent("--hold-mb", "5", "--ignore-term"))
+        await wait_output(daemon.home, stubborn, "simagent pid")
+        pids = [(await client.stats(s))["pid"] for s in [*sids, stubborn]]
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait(timeout_s=GRACE_S + 10) == 0
+    records = {r["subprocess_id"]: r for r in read_jsonl(daemon.home.stats_log)}
+    assert {records[s]["reason"] for s in [*sids, stubborn]} == {"daemon_shutdown"}
+    assert records[stubborn]["signal"] == "SIGKILL"
+    assert not any(alive(pid) for pid in pids)
+    assert not daemon.home.default_socket.exists()
+    assert not daemon.home.pid_file.exists()
+
+
+async def test_agent_runs_in_own_session_with_raised_oom_score(aclient: AsyncClient) -> None:
+    result = await aclient.launch("idle", simagent("--hold-mb", "1"))
+    pid = result["pid"]
+    assert os.getsid(pid) == pid
+    assert os.getpgid(pid) == pid
+    assert int(Path(f"/proc/{pid}/oom_score_adj").read_text()) == 500
+    environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    assert f"CLAUDE_PM_SUBPROCESS_ID={result['subprocess_id']}".encode() in environ
+    await aclient.kill(result["subprocess_id"])
