@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +17,7 @@ from supervisord.errors import DaemonNotRunning, SupervisordError
 from supervisord.home import Home
 
 READY_TIMEOUT_S = 15.0
+LOCK_WAIT_S = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +44,38 @@ def running_pid(home: Home) -> int | None:
         return None
 
 
+def daemon_command() -> list[str]:
+    """The daemon's argv: via the console script when installed, so its command line says
+    ``claude-pm`` (the guide's emergency `pkill -f "claude-pm"` finds it)."""
+    script = Path(sys.executable).with_name("claude-pm-supervisord")
+    if script.exists():
+        return [sys.executable, str(script)]
+    return [sys.executable, "-m", "supervisord", "daemon"]
+
+
+def wait_for_lock(home: Home, timeout_s: float = LOCK_WAIT_S) -> None:
+    """A daemon that stopped answering may still be stopping its agents: wait for it."""
+    try:
+        fd = os.open(home.lock_file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError:
+        return
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise SupervisordError(
+                        f"the daemon of {home.root} holds its lock but does not answer; "
+                        f"see {home.daemon_log}"
+                    ) from None
+                time.sleep(0.1)
+    finally:
+        os.close(fd)  # Closing releases our flock, so the new daemon can take it.
+
+
 def start_daemon(home: Home, environ: Mapping[str, str] | None = None) -> Started:
     """Start ``claude-pm daemon`` detached and wait until it answers; idempotent."""
     socket_path = resolve_socket(home)
@@ -48,13 +83,14 @@ def start_daemon(home: Home, environ: Mapping[str, str] | None = None) -> Starte
     if pid is not None:
         return Started(pid=pid, socket_path=socket_path, already_running=True)
     ensure_home(home)
+    wait_for_lock(home)
     env = dict(os.environ if environ is None else environ)
     env["CLAUDE_PM_HOME"] = str(home.root)
     # `daemon --detach` forks, and its parent exits once the child answers (or failed), so the
     # daemon is never our child: no zombie, and start-up errors come back on stderr right here.
     try:
         done = subprocess.run(
-            [sys.executable, "-m", "supervisord", "daemon", "--detach"],
+            [*daemon_command(), "--detach"],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,

@@ -257,7 +257,7 @@ def _launch_and_wait(
     client: Client, args: argparse.Namespace, command: list[str], launch_kw: dict[str, Any]
 ) -> int:
     # Subscribe first, on a second connection, so the exit cannot slip by before we listen.
-    with Client(client.socket_path, timeout_s=None) as watcher:  # type: ignore[arg-type]
+    with Client(client.socket_path, timeout_s=None) as watcher:
         events = watcher.subscribe(types=["exit"])
         result = client.launch(args.agent_type, command or None, **launch_kw)
         if not args.json:
@@ -284,7 +284,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 def _end(args: argparse.Namespace, call: Callable[[Client], dict[str, Any]]) -> int:
     try:
-        with Client(resolve_socket(_home()), timeout_s=None) as client:  # type: ignore[arg-type]
+        with Client(resolve_socket(_home()), timeout_s=None) as client:
             record = call(client)
     except NotFoundError as exc:
         _error(str(exc))
@@ -334,7 +334,7 @@ def cmd_events(args: argparse.Namespace) -> int:
             _emit(record, args.json)
     if not args.follow:
         return OK
-    with Client(resolve_socket(home), timeout_s=None) as client:  # type: ignore[arg-type]
+    with Client(resolve_socket(home), timeout_s=None) as client:
         levels = [args.level] if args.level else None
         for event in client.subscribe(levels=levels):
             if args.level and event.get("type") != "alert":

@@ -111,7 +111,9 @@ class _Commands:
 class Client(_Commands):
     """A blocking client; one connection, opened on first use."""
 
-    def __init__(self, socket_path: Path | str | None = None, *, timeout_s: float = 60.0) -> None:
+    def __init__(
+        self, socket_path: Path | str | None = None, *, timeout_s: float | None = 60.0
+    ) -> None:
         self.socket_path = Path(socket_path) if socket_path else resolve_socket()
         self.timeout_s = timeout_s
         self._sock: socket.socket | None = None

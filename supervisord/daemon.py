@@ -112,7 +112,7 @@ def prepare_home(home: Home) -> None:
     os.chmod(home.run, 0o700)
 
 
-async def bind_listener(path: Path, stack: ExitStack) -> SocketListener:
+async def bind_listener(path: Path, stack: ExitStack) -> tuple[SocketListener, Callable[[], None]]:
     """Bind the control socket 0600; the lock is held, so any file already there is stale."""
     _clear_stale(path)
     old_umask = os.umask(0o177)
@@ -121,8 +121,9 @@ async def bind_listener(path: Path, stack: ExitStack) -> SocketListener:
     finally:
         os.umask(old_umask)
     os.chmod(path, 0o600)
-    stack.callback(_unlink_if_ours, path, os.stat(path).st_ino)
-    return listener
+    inode = os.stat(path).st_ino
+    stack.callback(_unlink_if_ours, path, inode)
+    return listener, lambda: _unlink_if_ours(path, inode)
 
 
 def _clear_stale(path: Path) -> None:
@@ -154,12 +155,13 @@ async def serve(
         prepare_home(home)
         acquire_lock(home, stack)
         socket_path = home.socket_path(config.daemon.socket)
+        release_socket: Callable[[], None] = lambda: None  # noqa: E731
         if inherited is not None:
             # systemd owns an inherited socket's file: neither bind, chmod nor unlink it here.
             listener: SocketListener = await SocketListener.from_socket(inherited)
             socket_path = Path(inherited.getsockname())
         else:
-            listener = await bind_listener(socket_path, stack)
+            listener, release_socket = await bind_listener(socket_path, stack)
         home.pid_file.write_text(f"{os.getpid()}\n")
         stack.callback(home.pid_file.unlink, missing_ok=True)
         eventlog = EventLog(home, config.daemon.log_max_bytes, config.daemon.log_backups)
@@ -187,6 +189,10 @@ async def serve(
             )
             task_status.started(socket_path)
             await daemon.shutdown.wait()
+            # Clients (and `claude-pm init`) see no daemon from now on; the lock stays held
+            # until every agent is stopped, so a new daemon waits for this one to finish.
+            await server.stop_accepting()
+            release_socket()
             log.info(
                 "daemon_stopping", agents=len(supervisor.agents), leave_agents=daemon.leave_agents
             )

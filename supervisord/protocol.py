@@ -91,7 +91,9 @@ def decode_request(line: bytes) -> Request:
     """Parse and validate one request line; :class:`UsageError` says what is wrong."""
     try:
         message = json.loads(line)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except RecursionError:
+        raise UsageError("request is nested too deeply to parse") from None
+    except ValueError as exc:  # Bad JSON or UTF-8, or an integer over Python's digit limit.
         raise UsageError(f"request is not valid JSON: {exc}") from None
     if not isinstance(message, dict):
         raise UsageError(f"request must be a JSON object, not {_kind(message)}")

@@ -44,13 +44,26 @@ class ControlServer:
         self.commands = commands
         self.settings = settings
         self.connections = 0
+        self._listener: SocketListener | None = None
 
     async def serve(
         self, listener: SocketListener, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
     ) -> None:
-        async with listener:
+        """Accept until the listener is closed (``stop_accepting``), then let connections finish."""
+        self._listener = listener
+        async with anyio.create_task_group() as connections:
             task_status.started()
-            await listener.serve(self.connection)
+            while True:
+                try:
+                    stream = await listener.accept()
+                except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+                    return
+                connections.start_soon(self.connection, stream)
+
+    async def stop_accepting(self) -> None:
+        """New clients find no daemon from here on; connections already open carry on."""
+        if self._listener is not None:
+            await self._listener.aclose()
 
     async def connection(self, stream: ByteStream) -> None:
         self.connections += 1
@@ -59,6 +72,8 @@ class ControlServer:
                 await self._converse(stream)
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, ConnectionError, OSError):
             pass  # The client went away; nothing of the daemon's depends on it.
+        except Exception:  # A bug must cost one connection, never the daemon.
+            log.exception("connection_failed")
         finally:
             self.connections -= 1
 

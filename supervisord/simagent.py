@@ -50,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--exit-code", type=int, default=0)
     p.add_argument("--in-child", action="store_true", help="grow in a forked child")
     p.add_argument("--ignore-term", action="store_true", help="ignore SIGTERM")
+    p.add_argument("--task", default="", help="task text (printed; for [agents] templates)")
     args = p.parse_args(argv)
     if args.ignore_term:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)

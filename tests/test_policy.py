@@ -486,6 +486,8 @@ def test_timeout_also_fires_on_a_sample() -> None:
     state, actions = policy.step(fresh(), 12.0, limits, 50.0)
     assert events(actions) == [AlertEvent.TIMEOUT]
     assert signals(actions) == [Signal(signal.SIGTERM, EndReason.TIMEOUT)]
+    assert state.ending is EndReason.TIMEOUT
+    assert state.current_mb == 50.0
 
 
 def test_memory_limit_and_timeout_in_one_step_ends_for_memory() -> None:
@@ -613,6 +615,8 @@ def test_root_exit_with_zero_grace_sends_both_signals() -> None:
         Signal(signal.SIGTERM, EndReason.EXITED),
         Signal(signal.SIGKILL, EndReason.EXITED),
     ]
+    assert state.kill_sent is True
+    assert state.exited is True
 
 
 def test_root_exit_while_ending_for_memory_keeps_memory_limit() -> None:
