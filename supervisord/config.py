@@ -31,6 +31,8 @@ ENV_THRESHOLDS = {
 }
 ENV_DISABLE = "CLAUDE_PM_DISABLE_MEMORY_MONITOR"
 ENV_VARIABLES = (*ENV_THRESHOLDS, ENV_DISABLE)
+WARNING_RATIO = 0.25
+CRITICAL_RATIO = 0.5
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,7 +157,9 @@ def load_config(path: Path | None, environ: Mapping[str, str] | None = None) -> 
     env_limits, env_daemon, used = _from_environment(env)
     if used:
         sources.append("environment: " + ", ".join(used))
-    limits = replace(config.limits, **env_limits).validated("memory (with environment)")
+    limits = _apply_limits(config.limits, env_limits, "environment").validated(
+        "memory (with environment)"
+    )
     daemon = replace(config.daemon, **env_daemon)
     _check_interval(daemon)
     for name, agent in config.agents.items():
@@ -255,7 +259,26 @@ def _apply_limits(base: Limits, values: Mapping[str, Any], where: str) -> Limits
             changes[key] = _require_positive(
                 name, _number(name, value), allow_zero=key == "term_grace_s"
             )
-    return replace(base, **changes)
+    return _follow_max(replace(base, **changes), values)
+
+
+def _follow_max(limits: Limits, values: Mapping[str, Any]) -> Limits:
+    """Thresholds not set beside a lower ``max_mb`` follow it rather than fail.
+
+    The guide's emergency step exports only ``CLAUDE_PM_MEMORY_MAX_MB=1024``, which the default
+    warning (1024) and critical (2048) would not fit under. When a layer sets ``max_mb`` and
+    the warning or critical it would inherit does not fit below it, the ones it did not set
+    become 25% and 50% of ``max_mb`` (the defaults' own ratios, and the guide's profiles').
+    Explicit values at the same layer are kept, and still validated.
+    """
+    if "max_mb" not in values or limits.warning_mb < limits.critical_mb < limits.max_mb:
+        return limits
+    changes = {}
+    if "warning_mb" not in values:
+        changes["warning_mb"] = WARNING_RATIO * limits.max_mb
+    if "critical_mb" not in values:
+        changes["critical_mb"] = CRITICAL_RATIO * limits.max_mb
+    return replace(limits, **changes)
 
 
 def _from_environment(env: Mapping[str, str]) -> tuple[dict[str, Any], dict[str, Any], list[str]]:

@@ -69,9 +69,13 @@ def step(
         else:
             state = replace(state, level=level_for(state.level, mb, limits))
         if limits.enabled and state.ending is None and mb >= limits.max_mb:
-            message = f"SIGTERM: memory {mb:.1f} MB exceeds hard limit {limits.max_mb:g} MB"
-            state = _begin_end(state, now, EndReason.MEMORY_LIMIT, limits.term_grace_s, actions)
-            actions.insert(-1, _alert(AlertEvent.SIGTERM_SENT, mb, limits.max_mb, message))
+            grace = limits.term_grace_s
+            sig, event = ("SIGTERM", AlertEvent.SIGTERM_SENT)
+            if grace <= 0:
+                sig, event = ("SIGKILL", AlertEvent.SIGKILL_SENT)
+            message = f"{sig}: memory {mb:.1f} MB exceeds hard limit {limits.max_mb:g} MB"
+            actions.append(_alert(event, mb, limits.max_mb, message))
+            state = _begin_end(state, now, EndReason.MEMORY_LIMIT, grace, actions)
     if (
         state.ending is None
         and limits.timeout_s is not None
@@ -138,7 +142,11 @@ def _levels(
         state.last_alert_at is None or now - state.last_alert_at >= REALERT_INTERVAL_S
     ):
         event = AlertEvent.MEMORY_CRITICAL if new is Level.CRITICAL else AlertEvent.MEMORY_WARNING
-        message = f"{new.name}: memory {mb:.1f} MB exceeds {threshold(limits, new):g} MB (held)"
+        bound = threshold(limits, new)
+        if mb >= bound:
+            message = f"{new.name}: memory {mb:.1f} MB exceeds {bound:g} MB (held)"
+        else:  # Held by hysteresis: under the threshold, above 90% of it.
+            message = f"{new.name}: memory {mb:.1f} MB still above {HYSTERESIS * bound:.1f} MB (held)"
         actions.append(_alert(event, mb, threshold(limits, new), message, new))
         return replace(state, level=new, last_alert_at=now)
     return replace(state, level=new)
@@ -147,6 +155,10 @@ def _levels(
 def _begin_end(
     state: AgentState, now: float, reason: EndReason, grace_s: float, actions: list[Action]
 ) -> AgentState:
+    """SIGTERM with a grace period, or straight SIGKILL when there is none (``kill``)."""
+    if grace_s <= 0:
+        actions.append(Signal(signal.SIGKILL, reason))
+        return replace(state, ending=reason, term_sent_at=now, grace_s=0.0, kill_sent=True)
     actions.append(Signal(signal.SIGTERM, reason))
     return replace(state, ending=reason, term_sent_at=now, grace_s=grace_s)
 

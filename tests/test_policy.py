@@ -393,17 +393,14 @@ def test_a_late_sample_also_triggers_the_overdue_sigkill() -> None:
     assert signals(actions) == [KILL]
 
 
-def test_zero_grace_sends_sigterm_and_sigkill_in_the_same_step() -> None:
+def test_zero_grace_sends_sigkill_at_once() -> None:
     limits = Limits(term_grace_s=0.0)
     state, actions = policy.step(fresh(), 0.0, limits, 4500.0)
-    assert events(actions) == [
-        AlertEvent.MEMORY_CRITICAL,
-        AlertEvent.SIGTERM_SENT,
-        AlertEvent.SIGKILL_SENT,
-    ]
-    assert signals(actions) == [TERM, KILL]
-    assert actions.index(TERM) < actions.index(KILL)
+    assert events(actions) == [AlertEvent.MEMORY_CRITICAL, AlertEvent.SIGKILL_SENT]
+    assert signals(actions) == [KILL]
     assert state.kill_sent is True
+    state, actions = policy.step(state, 10.0, limits, 4500.0)
+    assert actions == []
 
 
 def test_no_second_sigterm_or_level_alert_while_ending() -> None:
@@ -544,12 +541,9 @@ def test_memory_samples_during_a_stop_are_tracked_but_silent() -> None:
     assert state.ending is EndReason.STOPPED
 
 
-def test_kill_with_zero_grace_sends_both_signals_at_once() -> None:
+def test_kill_with_zero_grace_sends_only_sigkill() -> None:
     state, actions = policy.request_end(fresh(), 5.0, EndReason.STOPPED, 0.0)
-    assert actions == [
-        Signal(signal.SIGTERM, EndReason.STOPPED),
-        Signal(signal.SIGKILL, EndReason.STOPPED),
-    ]
+    assert actions == [Signal(signal.SIGKILL, EndReason.STOPPED)]
     assert state.kill_sent is True
 
 
@@ -609,12 +603,9 @@ def test_root_exit_stops_leftovers_with_reason_exited() -> None:
     assert actions == [Signal(signal.SIGKILL, EndReason.EXITED)]
 
 
-def test_root_exit_with_zero_grace_sends_both_signals() -> None:
+def test_root_exit_with_zero_grace_kills_leftovers_at_once() -> None:
     state, actions = policy.root_exited(fresh(), 1.0, 0.0)
-    assert actions == [
-        Signal(signal.SIGTERM, EndReason.EXITED),
-        Signal(signal.SIGKILL, EndReason.EXITED),
-    ]
+    assert actions == [Signal(signal.SIGKILL, EndReason.EXITED)]
     assert state.kill_sent is True
     assert state.exited is True
 
@@ -763,8 +754,11 @@ def test_property_signals_are_sent_once_and_in_order(limits: Limits, sequence: l
     sent = [s.signal for s in signals(trace.actions)]
     assert sent.count(signal.SIGTERM) <= 1
     assert sent.count(signal.SIGKILL) <= 1
-    if signal.SIGKILL in sent:
+    if signal.SIGKILL in sent and signal.SIGTERM in sent:
         assert sent.index(signal.SIGTERM) < sent.index(signal.SIGKILL)
+    if signal.SIGKILL in sent and signal.SIGTERM not in sent:
+        # Straight to SIGKILL only when there was no grace: kill, or term_grace_s = 0.
+        assert trace.steps[-1][2].grace_s == 0.0
     # Every signal carries the reason the agent is ending for.
     for _, _, after, actions in trace.steps:
         for s in signals(actions):
