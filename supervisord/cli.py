@@ -33,10 +33,18 @@ Handler = Callable[[argparse.Namespace], int]
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args_list = list(sys.argv[1:] if argv is None else argv)
+    # `launch TYPE [OPTIONS] -- CMD ...`: everything after `--` is the agent's command, verbatim,
+    # and the options before it are ours (argparse.REMAINDER would swallow them into CMD).
+    command_tail: list[str] | None = None
+    if args_list[:1] == ["launch"] and "--" in args_list:
+        split = args_list.index("--")
+        args_list, command_tail = args_list[:split], args_list[split + 1 :]
     try:
         args = parser.parse_args(args_list)
     except SystemExit as exc:  # argparse exits 2 on usage errors and 0 on --help.
         return int(exc.code or 0)
+    if command_tail is not None:
+        args.cmd = [*args.cmd, *command_tail]
     handler: Handler = args.handler
     try:
         return handler(args)
@@ -92,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="launch even when memory is short")
     p.add_argument("--wait", action="store_true", help="wait for it to end; print its record")
     p.add_argument("--json", action="store_true")
-    p.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD [ARG ...]")
+    p.add_argument("cmd", nargs="*", metavar="-- CMD [ARG ...]")
     p = add("stats", cmd_stats, "statistics of all agents, or of one")
     p.add_argument("subprocess_id", nargs="?", metavar="ID")
     p.add_argument("--json", action="store_true")
@@ -323,6 +331,8 @@ def cmd_shutdown(args: argparse.Namespace) -> int:
     home = _home()
     while background.running_pid(home) == pid:
         time.sleep(0.1)
+    # It stops answering first, then stops its agents; its lock goes last, once it is gone.
+    background.wait_for_lock(home)
     print("daemon stopped")
     return OK
 

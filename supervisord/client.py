@@ -12,6 +12,7 @@ import itertools
 import json
 import socket
 from collections.abc import AsyncIterator, Iterator, Mapping
+from contextlib import suppress
 from pathlib import Path
 from typing import Any, Self
 
@@ -152,12 +153,15 @@ class Client(_Commands):
 
     def request(self, cmd: str, **args: Any) -> Any:
         sock = self._connect()
-        try:
+        # The daemon may have answered and closed first (a refusal): read that answer below.
+        with suppress(BrokenPipeError, ConnectionResetError):
             sock.sendall(_request_line(next(self._ids), cmd, args))
+        try:
             line = self._readline()
-        except (BrokenPipeError, ConnectionResetError) as exc:
+        except ConnectionResetError:
+            line = b""
+        if not line:
             self.close()
-            raise _not_running(self.socket_path, exc) from None
         return _result(line, self.socket_path)
 
     def hello(self) -> dict[str, Any]:
@@ -248,17 +252,16 @@ class AsyncClient(_Commands):
         assert self._buffered is not None
         try:
             return await self._buffered.receive_until(b"\n", MAX_RESPONSE_BYTES)
-        except (anyio.EndOfStream, anyio.IncompleteRead):
+        except (anyio.EndOfStream, anyio.IncompleteRead, anyio.BrokenResourceError, OSError):
             return b""
 
     async def request(self, cmd: str, **args: Any) -> Any:
         async with self._lock:
             stream, _ = await self._connect()
-            try:
+            # A refusal (permission, too many connections) is answered before the daemon
+            # reads anything: a failed send still leaves that answer to be read.
+            with suppress(anyio.BrokenResourceError, OSError):
                 await stream.send(_request_line(next(self._ids), cmd, args))
-            except (anyio.BrokenResourceError, OSError) as exc:
-                await self.aclose()
-                raise DaemonNotRunning(f"the daemon at {self.socket_path} went away") from exc
             return _result(await self._readline(), self.socket_path)
 
     async def hello(self) -> dict[str, Any]:

@@ -10,7 +10,7 @@ from typing import Any, Protocol
 
 from supervisord import __version__
 from supervisord.config import LIMIT_KEYS
-from supervisord.errors import UsageError
+from supervisord.errors import PermissionDenied, UsageError
 from supervisord.events import EndReason
 from supervisord.launcher import Credentials
 from supervisord.protocol import PROTOCOL_VERSION, Request
@@ -67,8 +67,10 @@ class Commands:
                 grace = args.get("grace_s")
                 if grace is not None and grace < 0:
                     raise UsageError(f"stop: grace_s must be >= 0, got {grace}")
+                self._check_owner(args["subprocess_id"], peer)
                 return await self.supervisor.stop(args["subprocess_id"], grace)
             case "kill":
+                self._check_owner(args["subprocess_id"], peer)
                 return await self.supervisor.stop(args["subprocess_id"], 0.0, EndReason.STOPPED)
             case "reload":
                 return self.daemon.reload(args.get("env"))
@@ -78,6 +80,15 @@ class Commands:
                 self.daemon.request_shutdown(leave_agents=leave)
                 return {"stopping": True, "agents": count, "leave_agents": leave}
         raise UsageError(f"command {request.cmd!r} is not handled here")
+
+    def _check_owner(self, subprocess_id: str, peer: Peer) -> None:
+        """Root and the daemon's own user may end any agent; others only those they launched."""
+        agent = self.supervisor.get(subprocess_id)
+        if peer.uid in (0, os.geteuid()) or agent.owner_uid == peer.uid:
+            return
+        raise PermissionDenied(
+            f"uid {peer.uid} may not end {subprocess_id}: it was launched by uid {agent.owner_uid}"
+        )
 
     def status(self) -> dict[str, Any]:
         config = self.supervisor.config
@@ -111,6 +122,7 @@ class Commands:
             limits=limits,
             force=bool(args.get("force", False)),
             user=credentials_for(peer),
+            owner_uid=peer.uid,
         )
         agent = await self.supervisor.launch(request)
         return {

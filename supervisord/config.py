@@ -6,6 +6,7 @@ key, the value and what is allowed, so ``init`` and ``reload`` can refuse it who
 
 from __future__ import annotations
 
+import grp
 import os
 import re
 import tomllib
@@ -84,6 +85,9 @@ class DaemonSettings:
     line_timeout_s: float = 10.0
     check_interval_s: float = 2.0
     min_interval_s: float = 0.05
+    # Members of these groups may use the daemon too (socket 0660, group of the first); a
+    # root daemon then runs their agents as them. Empty: only the daemon's user and root.
+    allowed_groups: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +102,45 @@ class AgentType:
 
 
 @dataclass(frozen=True, slots=True)
+class MetricsSettings:
+    """``[metrics]``: the Prometheus endpoint, off unless ``listen`` is set."""
+
+    listen: str | None = None
+
+    @property
+    def address(self) -> tuple[str, int] | None:
+        return None if self.listen is None else split_listen("metrics.listen", self.listen)
+
+
+ALERT_LEVELS = ("WARNING", "CRITICAL")
+WEBHOOK_FORMATS = ("slack", "json")
+
+
+@dataclass(frozen=True, slots=True)
+class Webhook:
+    """One ``[[alerts.webhooks]]`` entry. Headers are pairs so the value stays hashable."""
+
+    url: str
+    name: str
+    min_level: str = "CRITICAL"
+    format: str = "slack"
+    timeout_s: float = 5.0
+    retries: int = 3
+    backoff_s: float = 1.0
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class AlertSettings:
+    """``[alerts]``: webhooks, and how alerts of one agent are grouped and rate-limited."""
+
+    webhooks: tuple[Webhook, ...] = ()
+    group_wait_s: float = 2.0
+    rate_limit_s: float = 300.0
+    queue_size: int = 100
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     """The whole configuration in force."""
 
@@ -105,6 +148,8 @@ class Config:
     daemon: DaemonSettings = DaemonSettings()
     agents: Mapping[str, AgentType] = field(default_factory=dict)
     sources: tuple[str, ...] = ("defaults",)
+    metrics: MetricsSettings = MetricsSettings()
+    alerts: AlertSettings = AlertSettings()
 
     @property
     def check_interval_s(self) -> float:
@@ -169,7 +214,7 @@ def load_config(path: Path | None, environ: Mapping[str, str] | None = None) -> 
     return replace(config, limits=limits, daemon=daemon, sources=tuple(sources))
 
 
-SECTIONS = ("memory", "daemon", "agents")
+SECTIONS = ("memory", "daemon", "agents", "metrics", "alerts")
 MEMORY_KEYS = LIMIT_KEYS | {"check_interval_s", "min_interval_s"}
 DAEMON_KEYS = frozenset(f.name for f in fields(DaemonSettings)) - {
     "check_interval_s",
@@ -186,7 +231,99 @@ def parse_config(data: Mapping[str, Any]) -> Config:
     limits = _apply_limits(Limits(), memory, "memory").validated("memory")
     daemon = _parse_daemon(_table(data, "daemon"), memory)
     agents = {name: _parse_agent(name, section) for name, section in _table(data, "agents").items()}
-    return Config(limits=limits, daemon=daemon, agents=agents)
+    metrics = _parse_metrics(_table(data, "metrics"))
+    alerts = _parse_alerts(_table(data, "alerts"))
+    return Config(limits=limits, daemon=daemon, agents=agents, metrics=metrics, alerts=alerts)
+
+
+METRICS_KEYS = frozenset({"listen"})
+ALERTS_KEYS = frozenset({"webhooks", "group_wait_s", "rate_limit_s", "queue_size"})
+WEBHOOK_KEYS = frozenset(
+    {"url", "name", "min_level", "format", "timeout_s", "retries", "backoff_s", "headers"}
+)
+
+
+def split_listen(name: str, value: Any) -> tuple[str, int]:
+    """``"host:port"`` (``"[::1]:9464"`` for IPv6) into its parts; port 0 picks a free one."""
+    example = 'give "host:port", e.g. "127.0.0.1:9464"'
+    if not isinstance(value, str):
+        raise ConfigError(f"{name} = {value!r} is not allowed; {example}")
+    host, sep, port_text = value.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not sep or not host or not port_text.isdigit() or int(port_text) > 65535:
+        raise ConfigError(f"{name} = {value!r} is not allowed; {example}")
+    return host, int(port_text)
+
+
+def _parse_metrics(table: Mapping[str, Any]) -> MetricsSettings:
+    _reject_unknown("[metrics]", table, METRICS_KEYS)
+    if "listen" not in table:
+        return MetricsSettings()
+    split_listen("metrics.listen", table["listen"])
+    return MetricsSettings(listen=table["listen"])
+
+
+def _parse_alerts(table: Mapping[str, Any]) -> AlertSettings:
+    _reject_unknown("[alerts]", table, ALERTS_KEYS)
+    values: dict[str, Any] = {}
+    for key in ("group_wait_s", "rate_limit_s"):
+        if key in table:
+            values[key] = _require_positive(
+                f"alerts.{key}", _number(f"alerts.{key}", table[key]), allow_zero=True
+            )
+    if "queue_size" in table:
+        values["queue_size"] = _integer("alerts.queue_size", table["queue_size"], minimum=1)
+    hooks = table.get("webhooks", [])
+    if not isinstance(hooks, list):
+        raise ConfigError(
+            f"alerts.webhooks = {hooks!r} is not allowed; give [[alerts.webhooks]] tables"
+        )
+    values["webhooks"] = tuple(_parse_webhook(i, hook) for i, hook in enumerate(hooks))
+    return AlertSettings(**values)
+
+
+def _parse_webhook(index: int, hook: Any) -> Webhook:
+    where = f"alerts.webhooks[{index}]"
+    if not isinstance(hook, Mapping):
+        raise ConfigError(f"{where} must be a table, not {type(hook).__name__}")
+    _reject_unknown(f"[[alerts.webhooks]] #{index}", hook, WEBHOOK_KEYS)
+    if "url" not in hook:
+        raise ConfigError(f"{where}.url is missing; give the webhook's http(s) URL")
+    url = _string(f"{where}.url", hook["url"])
+    scheme, sep, rest = url.partition("://")
+    host = rest.split("/", 1)[0].rsplit("@", 1)[-1]
+    if not sep or scheme.lower() not in ("http", "https") or not host:
+        raise ConfigError(f"{where}.url = {url!r} is not allowed; give an http:// or https:// URL")
+    values: dict[str, Any] = {"url": url, "name": host}
+    if "name" in hook:
+        values["name"] = _string(f"{where}.name", hook["name"])
+    for key, allowed in (("min_level", ALERT_LEVELS), ("format", WEBHOOK_FORMATS)):
+        if key in hook:
+            raw = hook[key]
+            value = raw.upper() if key == "min_level" and isinstance(raw, str) else raw
+            if value not in allowed:
+                raise ConfigError(
+                    f"{where}.{key} = {raw!r} is not allowed; use one of {', '.join(allowed)}"
+                )
+            values[key] = value
+    if "timeout_s" in hook:
+        values["timeout_s"] = _require_positive(
+            f"{where}.timeout_s", _number(f"{where}.timeout_s", hook["timeout_s"])
+        )
+    if "backoff_s" in hook:
+        values["backoff_s"] = _require_positive(
+            f"{where}.backoff_s", _number(f"{where}.backoff_s", hook["backoff_s"]), allow_zero=True
+        )
+    if "retries" in hook:
+        values["retries"] = _integer(f"{where}.retries", hook["retries"], minimum=0)
+    headers = hook.get("headers", {})
+    if not isinstance(headers, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in headers.items()
+    ):
+        raise ConfigError(f"{where}.headers must be a table of strings, got {headers!r}")
+    values["headers"] = tuple(sorted(headers.items()))
+    return Webhook(**values)
 
 
 def _parse_daemon(table: Mapping[str, Any], memory: Mapping[str, Any]) -> DaemonSettings:
@@ -194,6 +331,10 @@ def _parse_daemon(table: Mapping[str, Any], memory: Mapping[str, Any]) -> Daemon
     values: dict[str, Any] = {}
     if "socket" in table:
         values["socket"] = _string("daemon.socket", table["socket"])
+    if "allowed_groups" in table:
+        values["allowed_groups"] = tuple(
+            _group(name) for name in _string_list("daemon.allowed_groups", table["allowed_groups"])
+        )
     for key in ("log_max_bytes", "log_backups", "max_line_bytes", "max_connections"):
         if key in table:
             values[key] = _integer(f"daemon.{key}", table[key], minimum=1)
@@ -273,12 +414,9 @@ def _follow_max(limits: Limits, values: Mapping[str, Any]) -> Limits:
     """
     if "max_mb" not in values or limits.warning_mb < limits.critical_mb < limits.max_mb:
         return limits
-    changes = {}
-    if "warning_mb" not in values:
-        changes["warning_mb"] = WARNING_RATIO * limits.max_mb
-    if "critical_mb" not in values:
-        changes["critical_mb"] = CRITICAL_RATIO * limits.max_mb
-    return replace(limits, **changes)
+    warning = limits.warning_mb if "warning_mb" in values else WARNING_RATIO * limits.max_mb
+    critical = limits.critical_mb if "critical_mb" in values else CRITICAL_RATIO * limits.max_mb
+    return replace(limits, warning_mb=warning, critical_mb=critical)
 
 
 def _from_environment(env: Mapping[str, str]) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
@@ -335,6 +473,16 @@ def _number(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ConfigError(f"{name} = {value!r} is not allowed; give a number")
     return float(value)
+
+
+def _group(name: str) -> str:
+    try:
+        grp.getgrnam(name)
+    except KeyError:
+        raise ConfigError(
+            f"daemon.allowed_groups: no group {name!r} on this system; give existing group names"
+        ) from None
+    return name
 
 
 def _integer(name: str, value: Any, minimum: int) -> int:

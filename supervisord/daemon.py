@@ -8,6 +8,7 @@ socket and pid file. SIGHUP reloads the configuration.
 from __future__ import annotations
 
 import fcntl
+import grp
 import os
 import signal
 import socket
@@ -22,7 +23,7 @@ import anyio
 import structlog
 from anyio.abc import SocketListener, TaskStatus
 
-from supervisord import __version__
+from supervisord import __version__, state
 from supervisord.commands import Commands
 from supervisord.config import ENV_VARIABLES, Config, load_config
 from supervisord.errors import ConfigError, DaemonAlreadyRunning
@@ -105,22 +106,40 @@ def read_pid(home: Home) -> int | None:
         return None
 
 
-def prepare_home(home: Home) -> None:
+def prepare_home(home: Home, group: int | None = None) -> None:
+    """Create the layout; ``run/`` is 0700, or 0710 for ``group`` (allowed_groups) to reach
+    the socket inside without listing or reading anything else there."""
     for directory in (home.root, home.logs, home.alerts_log.parent, home.agent_logs):
         directory.mkdir(parents=True, exist_ok=True)
     home.run.mkdir(parents=True, exist_ok=True)
-    os.chmod(home.run, 0o700)
+    if group is None:
+        os.chmod(home.run, 0o700)
+    else:
+        os.chown(home.run, -1, group)
+        os.chmod(home.run, 0o710)
 
 
-async def bind_listener(path: Path, stack: ExitStack) -> tuple[SocketListener, Callable[[], None]]:
-    """Bind the control socket 0600; the lock is held, so any file already there is stale."""
+def socket_group(config: Config) -> int | None:
+    groups = config.daemon.allowed_groups
+    return grp.getgrnam(groups[0]).gr_gid if groups else None
+
+
+async def bind_listener(
+    path: Path, stack: ExitStack, group: int | None = None
+) -> tuple[SocketListener, Callable[[], None]]:
+    """Bind the control socket 0600 (0660 for ``group``); the lock is held, so any file
+    already there is stale."""
     _clear_stale(path)
     old_umask = os.umask(0o177)
     try:
         listener = await anyio.create_unix_listener(path)
     finally:
         os.umask(old_umask)
-    os.chmod(path, 0o600)
+    if group is None:
+        os.chmod(path, 0o600)
+    else:
+        os.chown(path, -1, group)
+        os.chmod(path, 0o660)
     inode = os.stat(path).st_ino
     stack.callback(_unlink_if_ours, path, inode)
     return listener, lambda: _unlink_if_ours(path, inode)
@@ -152,7 +171,7 @@ async def serve(
 ) -> None:
     """Run one daemon for ``home`` until asked to stop; reports the socket path when ready."""
     with ExitStack() as stack:
-        prepare_home(home)
+        prepare_home(home, socket_group(config))
         acquire_lock(home, stack)
         socket_path = home.socket_path(config.daemon.socket)
         release_socket: Callable[[], None] = lambda: None  # noqa: E731
@@ -161,7 +180,7 @@ async def serve(
             listener: SocketListener = await SocketListener.from_socket(inherited)
             socket_path = Path(inherited.getsockname())
         else:
-            listener, release_socket = await bind_listener(socket_path, stack)
+            listener, release_socket = await bind_listener(socket_path, stack, socket_group(config))
         home.pid_file.write_text(f"{os.getpid()}\n")
         stack.callback(home.pid_file.unlink, missing_ok=True)
         eventlog = EventLog(home, config.daemon.log_max_bytes, config.daemon.log_backups)
@@ -177,6 +196,10 @@ async def serve(
         server = ControlServer(Commands(supervisor, daemon), config.daemon)
         async with anyio.create_task_group() as tg:
             await tg.start(supervisor.run)
+            records, problems = state.load(home.state_file)
+            for problem in problems:
+                log.error("state_unreadable", problem=problem)
+            supervisor.adopt(records)
             await tg.start(server.serve, listener)
             if handle_signals:
                 tg.start_soon(_signals, daemon)
@@ -199,6 +222,8 @@ async def serve(
             if not daemon.leave_agents:
                 with anyio.CancelScope(shield=True):
                     await supervisor.stop_all()
+            # With --leave-agents this keeps them in run/state.json for the next daemon.
+            supervisor.persist(force=True)
             tg.cancel_scope.cancel()
         log.info("daemon_stopped")
 

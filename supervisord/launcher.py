@@ -50,7 +50,9 @@ class ExitStatus:
     signal: str | None
 
     def describe(self) -> str:
-        return f"killed by {self.signal}" if self.signal else f"exit code {self.exit_code}"
+        if self.signal:
+            return f"killed by {self.signal}"
+        return "status unknown" if self.exit_code is None else f"exit code {self.exit_code}"
 
 
 @dataclass(slots=True)
@@ -58,7 +60,9 @@ class Child:
     pid: int
     start: int
     pidfd: int
-    popen: subprocess.Popen[bytes]
+    # None for an agent re-adopted after a daemon restart: not our child, so its exit is
+    # seen through the pidfd but its status cannot be reaped (its new parent reaps it).
+    popen: subprocess.Popen[bytes] | None = None
 
 
 def new_subprocess_id(agent_type: str) -> str:
@@ -107,18 +111,43 @@ def spawn(spec: LaunchSpec) -> Child:
     return Child(pid=popen.pid, start=start, pidfd=pidfd, popen=popen)
 
 
+def adopt(pid: int, start: int) -> Child | None:
+    """A pidfd on a running agent left by a previous daemon, if ``pid`` is still that process."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError:
+        return None
+    # Checked after opening: the pidfd now pins whatever process has this pid. A zombie
+    # ended while no daemon watched it: that is a lost agent, not one to adopt.
+    entry = procfs.read_entry(pid)
+    if entry is None or entry.start != start or entry.zombie:
+        os.close(pidfd)
+        return None
+    return Child(pid=pid, start=start, pidfd=pidfd)
+
+
+UNKNOWN_EXIT = ExitStatus(exit_code=None, signal=None)
+
+
 async def wait_exit(child: Child) -> ExitStatus:
     """Wait for the agent's own process to end and reap it through its pidfd."""
     await anyio.wait_readable(child.pidfd)
-    # The pidfd is readable only once the process has ended, so this returns at once.
-    info = os.waitid(os.P_PIDFD, child.pidfd, os.WEXITED)  # noqa: ASYNC222
-    os.close(child.pidfd)
-    child.pidfd = -1
-    assert info is not None  # WEXITED without WNOHANG always returns the status.
+    try:
+        # The pidfd is readable only once the process has ended, so this returns at once.
+        info = os.waitid(os.P_PIDFD, child.pidfd, os.WEXITED)  # noqa: ASYNC222
+    except ChildProcessError:
+        info = None  # A re-adopted agent: its parent, not us, gets its status.
+    finally:
+        os.close(child.pidfd)
+        child.pidfd = -1
+    if info is None:
+        return UNKNOWN_EXIT
     if info.si_code == os.CLD_EXITED:
         status = ExitStatus(exit_code=info.si_status, signal=None)
-        child.popen.returncode = info.si_status
+        returncode = info.si_status
     else:
         status = ExitStatus(exit_code=None, signal=signal.Signals(info.si_status).name)
-        child.popen.returncode = -info.si_status
+        returncode = -info.si_status
+    if child.popen is not None:
+        child.popen.returncode = returncode  # so subprocess never waits on it again
     return status

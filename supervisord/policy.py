@@ -146,7 +146,8 @@ def _levels(
         if mb >= bound:
             message = f"{new.name}: memory {mb:.1f} MB exceeds {bound:g} MB (held)"
         else:  # Held by hysteresis: under the threshold, above 90% of it.
-            message = f"{new.name}: memory {mb:.1f} MB still above {HYSTERESIS * bound:.1f} MB (held)"
+            floor = HYSTERESIS * bound
+            message = f"{new.name}: memory {mb:.1f} MB still above {floor:.1f} MB (held)"
         actions.append(_alert(event, mb, threshold(limits, new), message, new))
         return replace(state, level=new, last_alert_at=now)
     return replace(state, level=new)

@@ -89,6 +89,11 @@ class Sampler:
         )
         return ScanResult(trees=trees, orphan_zombies=zombies, processes=len(table))
 
+    def remember(self, agent_id: str, members: Iterable[Identity]) -> None:
+        """Members known from before (a re-adopted agent's escaped descendants, say)."""
+        for ident in members:
+            self._members[ident] = agent_id
+
     def forget(self, agent_id: str) -> None:
         self._members = {k: v for k, v in self._members.items() if v != agent_id}
 

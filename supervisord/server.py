@@ -8,6 +8,7 @@ daemon and every other client carry on.
 
 from __future__ import annotations
 
+import grp
 import os
 import socket
 import struct
@@ -35,8 +36,24 @@ def peer_of(stream: ByteStream) -> Peer:
     return Peer(pid=pid, uid=uid, gid=gid)
 
 
-def allowed(peer: Peer) -> bool:
-    return peer.uid in (0, os.geteuid())
+def peer_groups(peer: Peer) -> set[int]:
+    """The peer's primary and supplementary groups (from /proc: SO_PEERCRED has one gid)."""
+    groups = {peer.gid}
+    try:
+        with open(f"/proc/{peer.pid}/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Groups:"):
+                    groups.update(int(g) for g in line.split()[1:])
+    except OSError:
+        pass
+    return groups
+
+
+def allowed(peer: Peer, allowed_gids: frozenset[int] = frozenset()) -> bool:
+    """The daemon's own user and root; members of ``[daemon] allowed_groups`` if any."""
+    if peer.uid in (0, os.geteuid()):
+        return True
+    return bool(allowed_gids) and bool(peer_groups(peer) & allowed_gids)
 
 
 class ControlServer:
@@ -44,6 +61,7 @@ class ControlServer:
         self.commands = commands
         self.settings = settings
         self.connections = 0
+        self.allowed_gids = frozenset(grp.getgrnam(g).gr_gid for g in settings.allowed_groups)
         self._listener: SocketListener | None = None
 
     async def serve(
@@ -90,22 +108,28 @@ class ControlServer:
                 ),
             )
             return
-        if not allowed(peer):
+        if not allowed(peer, self.allowed_gids):
             log.warning("peer_refused", uid=peer.uid, pid=peer.pid)
             await self._send(
                 stream,
                 protocol.error(
                     None,
                     "permission_denied",
-                    f"uid {peer.uid} may not use this daemon: only uid {os.geteuid()} and root may",
+                    f"uid {peer.uid} may not use this daemon: only uid {os.geteuid()}, root and "
+                    f"members of daemon.allowed_groups {list(self.settings.allowed_groups)} may",
                 ),
             )
             return
         buffer = LineBuffer(self.settings.max_line_bytes)
+        # A started line must be finished by this deadline, however slowly its bytes trickle in.
+        line_deadline = 0.0
         while True:
-            timeout = (
-                self.settings.line_timeout_s if buffer.pending else self.settings.idle_timeout_s
-            )
+            if buffer.pending:
+                limit, what = self.settings.line_timeout_s, "finish its request line"
+                timeout = max(0.0, line_deadline - anyio.current_time())
+            else:
+                limit, what = self.settings.idle_timeout_s, "send a request"
+                timeout = limit
             data = b""
             with anyio.move_on_after(timeout):
                 try:
@@ -113,14 +137,14 @@ class ControlServer:
                 except anyio.EndOfStream:
                     return
             if not data:
-                what = "finish its request line" if buffer.pending else "send a request"
                 await self._send(
                     stream,
                     protocol.error(
-                        None, "timeout", f"closing: client took over {timeout:g} s to {what}"
+                        None, "timeout", f"closing: client took over {limit:g} s to {what}"
                     ),
                 )
                 return
+            was_pending = buffer.pending
             try:
                 lines = buffer.feed(data)
             except LineTooLong as exc:
@@ -129,6 +153,8 @@ class ControlServer:
             for line in lines:
                 if line.strip() and not await self._request(stream, line, peer):
                     return
+            if buffer.pending and (lines or not was_pending):
+                line_deadline = anyio.current_time() + self.settings.line_timeout_s
 
     async def _request(self, stream: ByteStream, line: bytes, peer: Peer) -> bool:
         """Answer one line; False when the connection is done (a subscription ended)."""

@@ -20,18 +20,21 @@ import anyio
 import structlog
 from anyio.abc import TaskGroup, TaskStatus
 
-from supervisord import enforcer, launcher, policy
+from supervisord import enforcer, launcher, policy, state
+from supervisord.agent import Agent, lost_record
 from supervisord.bus import Broadcaster
 from supervisord.config import Config, Limits
-from supervisord.errors import LaunchError, LaunchRefused, NotFoundError
+from supervisord.errors import LaunchError, LaunchRefused, NotFoundError, SupervisordError
 from supervisord.eventlog import EventLog, timestamps
 from supervisord.events import Action, Alert, AlertEvent, EndReason, Level, Signal
 from supervisord.home import Home
-from supervisord.launcher import Child, Credentials, ExitStatus, LaunchSpec
-from supervisord.sampler import Identity, Root, Sampler, ScanResult
+from supervisord.launcher import Credentials, LaunchSpec
+from supervisord.sampler import Root, Sampler, ScanResult
+from supervisord.state import AgentRecord
 from supervisord.sysmem import system_memory
 
 log = structlog.get_logger("supervisord.supervisor")
+PERSIST_INTERVAL_S = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,50 +47,7 @@ class LaunchRequest:
     limits: Mapping[str, Any] = field(default_factory=dict)
     force: bool = False
     user: Credentials | None = None
-
-
-@dataclass(eq=False)
-class Agent:
-    id: str
-    agent_type: str
-    command: tuple[str, ...]
-    child: Child
-    limits: Limits
-    overrides: Mapping[str, Any]
-    started_wall: datetime
-    state: policy.AgentState
-    members: tuple[Identity, ...] = ()
-    start_mb: float | None = None
-    end_mb: float = 0.0
-    exit: ExitStatus | None = None
-    record: dict[str, Any] | None = None
-    done: anyio.Event = field(default_factory=anyio.Event)
-
-    def status_word(self) -> str:
-        if self.state.ending is not None and self.state.ending.aborted:
-            return "ABORTED"
-        return self.state.level.name
-
-    def stats(self, now: float) -> dict[str, Any]:
-        return {
-            "subprocess_id": self.id,
-            "agent_type": self.agent_type,
-            "pid": self.child.pid,
-            "command": list(self.command),
-            "current_mb": round(self.state.current_mb, 1),
-            "peak_mb": round(self.state.peak_mb, 1),
-            "start_mb": self.start_mb,
-            "level": self.state.level.name,
-            "status": self.status_word(),
-            "tree_pids": [pid for pid, _ in self.members],
-            "process_count": len(self.members),
-            "started_at": timestamps(self.started_wall)["timestamp"],
-            "duration_seconds": round(now - self.state.started_at, 1),
-            "warnings_count": len(self.state.warnings),
-            "warnings": list(self.state.warnings),
-            "ending": None if self.state.ending is None else self.state.ending.value,
-            "limits": self.limits.as_dict(),
-        }
+    owner_uid: int | None = None
 
 
 class Supervisor:
@@ -114,6 +74,7 @@ class Supervisor:
         self._limiter = anyio.CapacityLimiter(1)
         self._wake = anyio.Event()
         self._tg: TaskGroup | None = None
+        self._persisted_at = -PERSIST_INTERVAL_S
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         async with anyio.create_task_group() as tg:
@@ -159,16 +120,55 @@ class Supervisor:
             overrides=dict(request.limits),
             started_wall=datetime.now(UTC),
             state=policy.AgentState(started_at=now),
+            owner_uid=request.owner_uid,
             members=((child.pid, child.start),),
         )
-        self.agents[subprocess_id] = agent
-        self._tg.start_soon(self._watch_exit, agent)
+        self._register(agent)
         log.info(
             "agent_launched", subprocess_id=subprocess_id, pid=child.pid, command=list(command)
         )
         self.bus.publish({"type": "launch", **agent.stats(now), **timestamps()})
-        self._wake.set()
         return agent
+
+    def adopt(self, records: list[AgentRecord]) -> None:
+        """Carry on supervising agents a previous daemon left running (after a crash or a
+        ``shutdown --leave-agents``); record those that ended meanwhile as ``lost``."""
+        for record in records:
+            child = launcher.adopt(record.pid, record.start)
+            if child is None:
+                lost = lost_record(record)
+                self.eventlog.stats.write(lost)
+                self.bus.publish({"type": "exit", **lost})
+                log.warning("agent_lost", subprocess_id=record.subprocess_id, pid=record.pid)
+                continue
+            try:
+                limits = self.config.limits_for(record.agent_type, record.overrides)
+            except SupervisordError:
+                limits = Limits(**record.limits)  # Its type's section changed; keep its own.
+            agent = Agent.restore(record, child, limits, self.clock())
+            self._sampler.remember(agent.id, agent.members)
+            self._register(agent)
+            log.info("agent_adopted", subprocess_id=agent.id, pid=child.pid)
+
+    def _register(self, agent: Agent) -> None:
+        assert self._tg is not None, "Supervisor.run() must be started first"
+        self.agents[agent.id] = agent
+        self._tg.start_soon(self._watch_exit, agent)
+        self.persist(force=True)
+        self._wake.set()
+
+    def persist(self, *, force: bool = False) -> None:
+        """Keep run/state.json current: at once on launch and end, else every few seconds."""
+        now = self.clock()
+        if not force and now - self._persisted_at < PERSIST_INTERVAL_S:
+            return
+        self._persisted_at = now
+        try:
+            state.save(
+                self.home.state_file, os.getpid(), [a.snapshot() for a in self.agents.values()]
+            )
+        except OSError as exc:
+            log.error("state_save_failed", path=str(self.home.state_file), error=str(exc))
 
     def get(self, subprocess_id: str) -> Agent:
         try:
@@ -244,6 +244,7 @@ class Supervisor:
                 self._finish(agent)
         if self.reap_orphans:
             _reap(result.orphan_zombies)
+        self.persist()
         if self.on_tick is not None:
             self.on_tick(len(self.agents))
 
@@ -331,28 +332,12 @@ class Supervisor:
         assert agent.exit is not None
         now = self.clock()
         reason = agent.state.ending or EndReason.EXITED
-        record = {
-            "subprocess_id": agent.id,
-            "agent_type": agent.agent_type,
-            "pid": agent.child.pid,
-            "command": list(agent.command),
-            "exit_code": agent.exit.exit_code,
-            "signal": agent.exit.signal,
-            "reason": reason.value,
-            "memory_stats": {
-                "start_mb": agent.start_mb if agent.start_mb is not None else 0.0,
-                "peak_mb": round(agent.state.peak_mb, 1),
-                "end_mb": round(agent.end_mb, 1),
-                "duration_seconds": round(now - agent.state.started_at, 1),
-                "warnings": list(agent.state.warnings),
-                "aborted": reason.aborted,
-            },
-            **timestamps(),
-        }
+        record = agent.end_record(now)
         self.eventlog.stats.write(record)
         agent.record = record
         del self.agents[agent.id]
         self._sampler.forget(agent.id)
+        self.persist(force=True)
         log.info(
             "agent_finished",
             subprocess_id=agent.id,
