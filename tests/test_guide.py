@@ -11,6 +11,7 @@ SIGTERM to the daemon's own pid.
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import shutil
@@ -174,11 +175,11 @@ def test_monitor_active_subprocesses(scenario: Scenario) -> None:
     assert stats[scenario.ids["big"]]["current_mb"] > 1000
     assert scenario.run(check).stdout == "(0.0, 'NOT_MONITORED')\n"  # the guide's placeholder
     real = check.replace("subprocess_id_here", scenario.ids["big"])
-    current, status = eval(scenario.run(real).stdout)  # noqa: S307 - a tuple repr we printed
+    current, status = ast.literal_eval(scenario.run(real).stdout)
     assert current > 1000
     assert status == "OK"
     aborted = check.replace("subprocess_id_here", scenario.ids["leaker-1"])
-    assert eval(scenario.run(aborted).stdout)[1] == "ABORTED"  # noqa: S307
+    assert ast.literal_eval(scenario.run(aborted).stdout)[1] == "ABORTED"
 
 
 @pytest.mark.parametrize(

@@ -125,7 +125,8 @@ async def test_events_follow_and_level_filter(daemon: DaemonProcess) -> None:
     lines = [json.loads(line) for line in streamed.splitlines()]
     assert [e["event"] for e in lines] == ["memory_critical", "sigterm_sent"]
     assert {e["level"] for e in lines} == {"CRITICAL"}
-    assert history is not None and history.returncode == 0
+    assert history is not None
+    assert history.returncode == 0
     assert f"WARNING  {hog} memory_warning" in out
     assert f"CRITICAL {hog} sigterm_sent" in out
 
@@ -138,7 +139,8 @@ async def test_logs_follow_ends_when_the_agent_ends(daemon: DaemonProcess) -> No
                 [
                     sys.executable,
                     "-c",
-                    "import time\nfor i in range(5):\n print('line', i, flush=True); time.sleep(0.2)",
+                    "import time\nfor i in range(5):\n"
+                    " print('line', i, flush=True); time.sleep(0.2)",
                 ],
             )
         )["subprocess_id"]
