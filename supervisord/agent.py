@@ -9,7 +9,8 @@ from typing import Any
 
 import anyio
 
-from supervisord import policy
+from supervisord import cadence, policy
+from supervisord.cadence import Growth
 from supervisord.config import Limits
 from supervisord.eventlog import timestamps
 from supervisord.events import EndReason, Level
@@ -35,6 +36,10 @@ class Agent:
     exit: ExitStatus | None = None
     record: dict[str, Any] | None = None
     done: anyio.Event = field(default_factory=anyio.Event)
+    growth: Growth | None = None
+    next_due: float = 0.0
+    crossed_at: float | None = None  # when the tree most likely crossed max_mb
+    signalled_at: float | None = None  # when the first SIGTERM (or SIGKILL) went out
 
     def status_word(self) -> str:
         if self.state.ending is not None and self.state.ending.aborted:
@@ -61,6 +66,17 @@ class Agent:
             "ending": None if self.state.ending is None else self.state.ending.value,
             "limits": self.limits.as_dict(),
             "owner_uid": self.owner_uid,
+            **self.projection(),
+        }
+
+    def projection(self) -> dict[str, float | None]:
+        """Growth rate and time to the hard limit at that rate (None: not growing)."""
+        if self.growth is None:
+            return {"growth_mb_s": None, "time_to_limit_s": None}
+        eta = cadence.time_to(self.growth, self.limits.max_mb)
+        return {
+            "growth_mb_s": round(self.growth.rate_mb_s, 1),
+            "time_to_limit_s": None if eta is None else round(eta, 1),
         }
 
     def end_record(self, now: float) -> dict[str, Any]:

@@ -47,13 +47,17 @@ class Limits:
     timeout_s: float | None = None
     enabled: bool = True
     metric: Metric = "rss"
+    # Warn when, at the current growth rate, max_mb is this few seconds away (None: never).
+    predict_s: float | None = None
 
     def validated(self, where: str = "memory") -> Limits:
         for key in ("warning_mb", "critical_mb", "max_mb"):
             _require_positive(f"{where}.{key}", getattr(self, key))
         _require_positive(f"{where}.term_grace_s", self.term_grace_s, allow_zero=True)
-        if self.timeout_s is not None:
-            _require_positive(f"{where}.timeout_s", self.timeout_s)
+        for key in ("timeout_s", "predict_s"):
+            value = getattr(self, key)
+            if value is not None:
+                _require_positive(f"{where}.{key}", value)
         if not self.warning_mb < self.critical_mb < self.max_mb:
             raise ConfigError(
                 f"{where}: thresholds must rise: warning_mb ({self.warning_mb:g}) < "
@@ -103,9 +107,15 @@ class AgentType:
 
 @dataclass(frozen=True, slots=True)
 class MetricsSettings:
-    """``[metrics]``: the Prometheus endpoint, off unless ``listen`` is set."""
+    """``[metrics]``: the Prometheus endpoint, off unless ``listen`` is set.
+
+    ``guide_names`` adds the guide's ``claude_pm_subprocess_memory_mb`` and
+    ``claude_pm_subprocess_count`` beside the base-unit series (promtool's linter flags those
+    two names: ``_mb`` is an abbreviated unit, ``_count`` a histogram suffix).
+    """
 
     listen: str | None = None
+    guide_names: bool = True
 
     @property
     def address(self) -> tuple[str, int] | None:
@@ -236,7 +246,7 @@ def parse_config(data: Mapping[str, Any]) -> Config:
     return Config(limits=limits, daemon=daemon, agents=agents, metrics=metrics, alerts=alerts)
 
 
-METRICS_KEYS = frozenset({"listen"})
+METRICS_KEYS = frozenset({"listen", "guide_names"})
 ALERTS_KEYS = frozenset({"webhooks", "group_wait_s", "rate_limit_s", "queue_size"})
 WEBHOOK_KEYS = frozenset(
     {"url", "name", "min_level", "format", "timeout_s", "retries", "backoff_s", "headers"}
@@ -258,10 +268,13 @@ def split_listen(name: str, value: Any) -> tuple[str, int]:
 
 def _parse_metrics(table: Mapping[str, Any]) -> MetricsSettings:
     _reject_unknown("[metrics]", table, METRICS_KEYS)
-    if "listen" not in table:
-        return MetricsSettings()
-    split_listen("metrics.listen", table["listen"])
-    return MetricsSettings(listen=table["listen"])
+    values: dict[str, Any] = {}
+    if "listen" in table:
+        split_listen("metrics.listen", table["listen"])
+        values["listen"] = table["listen"]
+    if "guide_names" in table:
+        values["guide_names"] = _bool("metrics.guide_names", table["guide_names"])
+    return MetricsSettings(**values)
 
 
 def _parse_alerts(table: Mapping[str, Any]) -> AlertSettings:
@@ -394,7 +407,7 @@ def _apply_limits(base: Limits, values: Mapping[str, Any], where: str) -> Limits
             if value not in ("rss", "pss"):
                 raise ConfigError(f"{name} = {value!r} is not allowed; use 'rss' or 'pss'")
             changes[key] = value
-        elif key == "timeout_s" and value is None:
+        elif key in ("timeout_s", "predict_s") and value is None:
             changes[key] = None
         else:
             changes[key] = _require_positive(

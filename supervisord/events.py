@@ -42,6 +42,7 @@ class AlertEvent(enum.StrEnum):
     TIMEOUT = "timeout"
     LAUNCH_REFUSED = "launch_refused"
     RECOVERED = "recovered"
+    LIMIT_PREDICTED = "limit_predicted"
     OOM_KILL = "oom_kill"
 
 

@@ -38,6 +38,7 @@ class AgentState:
     grace_s: float = 0.0
     kill_sent: bool = False
     exited: bool = False
+    predicted_at: float | None = None
 
 
 def threshold(limits: Limits, level: Level) -> float:
@@ -58,14 +59,22 @@ def level_for(current: Level, mb: float, limits: Limits) -> Level:
 
 
 def step(
-    state: AgentState, now: float, limits: Limits, mb: float | None = None
+    state: AgentState,
+    now: float,
+    limits: Limits,
+    mb: float | None = None,
+    time_to_limit_s: float | None = None,
 ) -> tuple[AgentState, list[Action]]:
-    """Advance one agent: a sample of ``mb`` taken at ``now``, or a pure time tick (None)."""
+    """Advance one agent: a sample of ``mb`` taken at ``now``, or a pure time tick (None).
+
+    ``time_to_limit_s`` is the projected time to ``max_mb`` at the current growth rate.
+    """
     actions: list[Action] = []
     if mb is not None:
         state = replace(state, current_mb=mb, peak_mb=max(state.peak_mb, mb))
         if limits.enabled:
             state = _levels(state, now, mb, limits, actions)
+            state = _predict(state, now, mb, limits, time_to_limit_s, actions)
         else:
             state = replace(state, level=level_for(state.level, mb, limits))
         if limits.enabled and state.ending is None and mb >= limits.max_mb:
@@ -151,6 +160,32 @@ def _levels(
         actions.append(_alert(event, mb, threshold(limits, new), message, new))
         return replace(state, level=new, last_alert_at=now)
     return replace(state, level=new)
+
+
+def _predict(
+    state: AgentState,
+    now: float,
+    mb: float,
+    limits: Limits,
+    eta_s: float | None,
+    actions: list[Action],
+) -> AgentState:
+    """A warning ahead of the hard limit, at most once a minute while the projection holds."""
+    if (
+        limits.predict_s is None
+        or eta_s is None
+        or eta_s > limits.predict_s
+        or mb >= limits.max_mb
+        or state.ending is not None
+        or (state.predicted_at is not None and now - state.predicted_at < REALERT_INTERVAL_S)
+    ):
+        return state
+    message = (
+        f"PREDICTED: memory {mb:.1f} MB; at this rate the hard limit "
+        f"{limits.max_mb:g} MB is reached in {eta_s:.1f} s"
+    )
+    actions.append(_alert(AlertEvent.LIMIT_PREDICTED, mb, limits.max_mb, message, Level.WARNING))
+    return replace(state, predicted_at=now)
 
 
 def _begin_end(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -131,3 +132,71 @@ def _psutil_scan() -> dict[int, ProcEntry]:
         if entry is not None:
             table[pid] = entry
     return table
+
+
+class StatmCache:
+    """Kept-open ``/proc/PID/statm`` fds, read with pread: 1.4 us a read instead of 5.7 us.
+
+    A /proc fd stays bound to the process it was opened for, so a reused pid reads as an
+    error (the process is gone), never as a stranger's memory.
+    """
+
+    def __init__(self) -> None:
+        self._fds: dict[tuple[int, int], int] = {}
+        self._open_failed = False
+
+    def resident_bytes(self, pid: int, start: int) -> int | None:
+        if not HAS_PROC:
+            return resident_bytes(pid)
+        key = (pid, start)
+        fd = self._fds.get(key)
+        if fd is None:
+            fd = self._open(pid)
+            if fd is None:
+                return resident_bytes(pid) if self._open_failed else None
+            self._fds[key] = fd
+        try:
+            return int(os.pread(fd, 128, 0).split()[1]) * PAGE_SIZE
+        except (OSError, ValueError, IndexError):
+            self._close(key)
+            return None
+
+    def retain(self, keep: set[tuple[int, int]]) -> None:
+        """Close the fds of processes no longer in any tree."""
+        for key in [k for k in self._fds if k not in keep]:
+            self._close(key)
+
+    def close(self) -> None:
+        self.retain(set())
+
+    def __len__(self) -> int:
+        return len(self._fds)
+
+    def _open(self, pid: int) -> int | None:
+        try:
+            return os.open(f"/proc/{pid}/statm", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            # Out of descriptors: carry on with open-read-close rather than fail to sample.
+            self._open_failed = exc.errno in (errno.EMFILE, errno.ENFILE)
+            return None
+
+    def _close(self, key: tuple[int, int]) -> None:
+        fd = self._fds.pop(key, None)
+        if fd is not None:
+            os.close(fd)
+
+
+def children_of(pid: int) -> list[int]:
+    """Direct children of every thread of ``pid`` (``/proc/PID/task/TID/children``)."""
+    found: list[int] = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return found
+    for tid in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children", "rb") as f:
+                found.extend(int(c) for c in f.read().split())
+        except (OSError, ValueError):
+            continue
+    return found

@@ -1,11 +1,18 @@
-"""Tree discovery and measurement: one scan of /proc per tick serves every agent.
+"""Tree discovery and measurement.
 
 A tree is the agent's process and every descendant. Descendants that setsid or double-fork
 are reparented away from the agent (to the daemon when it is a subreaper, else to init), so
-membership is remembered by (pid, start time) from scan to scan, and a new orphan that was
-never seen is attributed by the ``CLAUDE_PM_SUBPROCESS_ID`` variable every agent inherits.
+membership is remembered by (pid, start time) from sample to sample, and a new orphan that
+was never seen is attributed by the ``CLAUDE_PM_SUBPROCESS_ID`` variable every agent
+inherits.
 
-The methods here block (they read /proc): the supervisor runs them in a worker thread.
+Two ways to sample:
+- ``sample``: one scan of /proc for every tree (discovery of everything, orphans included),
+  at the idle cadence;
+- ``sample_fast``: only the given trees, from their known members' kept-open ``statm`` fds
+  and their children lists, for agents that need a look sooner (growing fast, or young).
+
+The methods block (they read /proc): the supervisor runs them in a worker thread.
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ from dataclasses import dataclass, field
 
 from supervisord import procfs
 from supervisord.config import Metric
-from supervisord.procfs import ProcEntry
+from supervisord.procfs import ProcEntry, StatmCache
 from supervisord.sysmem import MIB
 
 MARKER_ENV = "CLAUDE_PM_SUBPROCESS_ID"
@@ -58,10 +65,16 @@ class ScanResult:
 @dataclass
 class Sampler:
     daemon_pid: int = field(default_factory=os.getpid)
-    _members: dict[Identity, str] = field(default_factory=dict)
+    _trees: dict[str, set[Identity]] = field(default_factory=lambda: defaultdict(set))
     _unrelated: set[Identity] = field(default_factory=set)
+    _statm: StatmCache = field(default_factory=StatmCache)
+
+    @property
+    def open_fds(self) -> int:
+        return len(self._statm)
 
     def sample(self, roots: Mapping[str, Root]) -> ScanResult:
+        """Every tree, from one scan of /proc."""
         table = procfs.scan()
         children: dict[int, list[int]] = defaultdict(list)
         for entry in table.values():
@@ -69,19 +82,18 @@ class Sampler:
         root_pids = {root.pid for root in roots.values()}
         self._attribute_orphans(table, roots, root_pids)
         trees: dict[str, TreeSample] = {}
-        members: dict[Identity, str] = {}
         for agent_id, root in roots.items():
             seeds = [root.pid] if _same(table, root.pid, root.start) else []
             seeds += [
-                pid
-                for (pid, start), owner in self._members.items()
-                if owner == agent_id and _same(table, pid, start)
+                pid for pid, start in self._trees.get(agent_id, ()) if _same(table, pid, start)
             ]
             tree = _walk(table, children, seeds, root_pids - {root.pid})
-            for ident in tree:
-                members[ident] = agent_id
-            trees[agent_id] = _measure(tree, table, root)
-        self._members = members
+            live = [ident for ident in tree if not table[ident[0]].zombie]
+            self._trees[agent_id] = set(tree)
+            trees[agent_id] = self._measure(live, root)
+        for agent_id in [a for a in self._trees if a not in roots]:
+            del self._trees[agent_id]
+        self._statm.retain({ident for tree in self._trees.values() for ident in tree})
         zombies = tuple(
             e.pid
             for e in table.values()
@@ -89,37 +101,88 @@ class Sampler:
         )
         return ScanResult(trees=trees, orphan_zombies=zombies, processes=len(table))
 
+    def sample_fast(self, roots: Mapping[str, Root]) -> dict[str, TreeSample]:
+        """The given trees only: known members, plus children they forked since."""
+        trees: dict[str, TreeSample] = {}
+        for agent_id, root in roots.items():
+            known = self._trees[agent_id]
+            known.add((root.pid, root.start))
+            live: list[Identity] = []
+            seen: set[int] = set()
+            stack = list(known)
+            while stack:
+                pid, start = stack.pop()
+                if pid in seen:
+                    continue
+                seen.add(pid)
+                size = self._statm.resident_bytes(pid, start)
+                if size is None:
+                    known.discard((pid, start))
+                    continue
+                live.append((pid, start))
+                for child in procfs.children_of(pid):
+                    if child not in seen and (entry := procfs.read_entry(child)) is not None:
+                        known.add((child, entry.start))
+                        stack.append((child, entry.start))
+            trees[agent_id] = self._measure(live, root)
+        return trees
+
     def remember(self, agent_id: str, members: Iterable[Identity]) -> None:
         """Members known from before (a re-adopted agent's escaped descendants, say)."""
-        for ident in members:
-            self._members[ident] = agent_id
+        self._trees[agent_id].update(members)
 
     def forget(self, agent_id: str) -> None:
-        self._members = {k: v for k, v in self._members.items() if v != agent_id}
+        self._trees.pop(agent_id, None)
+
+    def close(self) -> None:
+        self._statm.close()
+
+    def _measure(self, live: list[Identity], root: Root) -> TreeSample:
+        members: list[Identity] = []
+        rss = 0
+        for pid, start in live:
+            size = self._statm.resident_bytes(pid, start)
+            # statm of a zombie (or of a process gone since the scan) has nothing to count.
+            if size is None or (size == 0 and _zombie(pid)):
+                continue
+            members.append((pid, start))
+            rss += size
+        mb = rss / MIB
+        metric: Metric = "rss"
+        if root.metric == "pss" and mb >= root.pss_from_mb:
+            pss = sum(procfs.pss_bytes(pid) or 0 for pid, _ in members)
+            mb, metric = pss / MIB, "pss"
+        return TreeSample(members=tuple(members), rss_bytes=rss, mb=round(mb, 1), metric=metric)
 
     def _attribute_orphans(
         self, table: Mapping[int, ProcEntry], roots: Mapping[str, Root], root_pids: set[int]
     ) -> None:
-        """Claim processes that were reparented before a scan ever saw them in a tree."""
+        """Claim processes that were reparented before a sample ever saw them in a tree."""
         if not roots:
             return
+        known = {ident for tree in self._trees.values() for ident in tree}
         for entry in table.values():
             ident = (entry.pid, entry.start)
             if (
                 entry.ppid not in (1, self.daemon_pid)
                 or entry.pid in root_pids
                 or entry.zombie
-                or ident in self._members
+                or ident in known
                 or ident in self._unrelated
             ):
                 continue
             owner = procfs.environ_value(entry.pid, MARKER_ENV)
             if owner is not None and owner in roots:
-                self._members[ident] = owner
+                self._trees[owner].add(ident)
             else:
                 self._unrelated.add(ident)
         live = {(e.pid, e.start) for e in table.values()}
         self._unrelated &= live
+
+
+def _zombie(pid: int) -> bool:
+    entry = procfs.read_entry(pid)
+    return entry is None or entry.zombie
 
 
 def _same(table: Mapping[int, ProcEntry], pid: int, start: int) -> bool:
@@ -145,17 +208,3 @@ def _walk(
         tree.append((pid, entry.start))
         stack.extend(children.get(pid, ()))
     return tree
-
-
-def _measure(tree: list[Identity], table: Mapping[int, ProcEntry], root: Root) -> TreeSample:
-    live = [(pid, start) for pid, start in tree if not table[pid].zombie]
-    rss = 0
-    for pid, _ in live:
-        exact = procfs.resident_bytes(pid)
-        rss += table[pid].rss_bytes if exact is None else exact
-    mb = rss / MIB
-    metric: Metric = "rss"
-    if root.metric == "pss" and mb >= root.pss_from_mb:
-        pss = sum(procfs.pss_bytes(pid) or 0 for pid, _ in live)
-        mb, metric = pss / MIB, "pss"
-    return TreeSample(members=tuple(live), rss_bytes=rss, mb=round(mb, 1), metric=metric)

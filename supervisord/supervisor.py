@@ -20,7 +20,7 @@ import anyio
 import structlog
 from anyio.abc import TaskGroup, TaskStatus
 
-from supervisord import enforcer, launcher, policy, state
+from supervisord import cadence, enforcer, launcher, policy, state
 from supervisord.agent import Agent, lost_record
 from supervisord.bus import Broadcaster
 from supervisord.config import Config, Limits
@@ -29,12 +29,13 @@ from supervisord.eventlog import EventLog, timestamps
 from supervisord.events import Action, Alert, AlertEvent, EndReason, Level, Signal
 from supervisord.home import Home
 from supervisord.launcher import Credentials, LaunchSpec
-from supervisord.sampler import Root, Sampler, ScanResult
+from supervisord.sampler import Root, Sampler, ScanResult, TreeSample
 from supervisord.state import AgentRecord
 from supervisord.sysmem import system_memory
 
 log = structlog.get_logger("supervisord.supervisor")
 PERSIST_INTERVAL_S = 5.0
+SIGNAL_RECHECK_S = 0.1
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +76,9 @@ class Supervisor:
         self._wake = anyio.Event()
         self._tg: TaskGroup | None = None
         self._persisted_at = -PERSIST_INTERVAL_S
+        self._full_due = 0.0
+        self.last_sample_s = 0.0
+        self.fast_samples = 0
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         async with anyio.create_task_group() as tg:
@@ -213,49 +217,90 @@ class Supervisor:
     async def _sample_loop(self) -> None:
         while True:
             self._wake = anyio.Event()
-            await self.sample_once()
-            delay = self._next_delay()
-            with anyio.move_on_after(delay):
+            now = self.clock()
+            if now >= self._full_due:
+                await self.sample_once()
+                self._full_due = self.clock() + self.config.check_interval_s
+            else:
+                due = [a for a in self.agents.values() if self._due(a) <= now]
+                if due:
+                    await self._sample_fast(due)
+            with anyio.move_on_after(self._next_delay()):
                 await self._wake.wait()
 
+    def request_full_scan(self) -> None:
+        """Rediscover every tree now (an agent's own process ended: orphans to find)."""
+        self._full_due = 0.0
+        self._wake.set()
+
     async def sample_once(self) -> None:
-        roots = {
-            a.id: Root(a.child.pid, a.child.start, a.limits.metric, 0.9 * a.limits.warning_mb)
-            for a in self.agents.values()
-        }
+        """One /proc scan for every tree: discovery of new and reparented descendants."""
+        roots = {a.id: self._root(a) for a in self.agents.values()}
+        started = time.perf_counter()
         result = await anyio.to_thread.run_sync(self._sampler.sample, roots, limiter=self._limiter)
+        self.last_sample_s = time.perf_counter() - started
         self.last_scan = result
         now = self.clock()
         for agent_id, tree in result.trees.items():
             agent = self.agents.get(agent_id)
-            if agent is None:
-                continue
-            agent.members = tree.members
-            mb = None
-            if tree.members:
-                mb = tree.mb
-                if mb > 0:  # A process being killed shows 0 for an instant before it is gone.
-                    agent.end_mb = mb
-                if agent.start_mb is None:
-                    agent.start_mb = mb
-            agent.state, actions = policy.step(agent.state, now, agent.limits, mb)
-            self._carry_out(agent, actions)
-            if agent.exit is not None and not tree.members:
-                self._finish(agent)
+            if agent is not None:
+                self._apply_sample(agent, tree, now)
         if self.reap_orphans:
             _reap(result.orphan_zombies)
         self.persist()
         if self.on_tick is not None:
             self.on_tick(len(self.agents))
 
-    def _next_delay(self) -> float:
+    async def _sample_fast(self, agents: list[Agent]) -> None:
+        """Only the trees that need a look before the next full scan, from kept-open fds."""
+        roots = {a.id: self._root(a) for a in agents}
+        trees = await anyio.to_thread.run_sync(
+            self._sampler.sample_fast, roots, limiter=self._limiter
+        )
+        self.fast_samples += 1
         now = self.clock()
-        wake = now + self.config.check_interval_s
+        for agent_id, tree in trees.items():
+            agent = self.agents.get(agent_id)
+            if agent is not None:
+                self._apply_sample(agent, tree, now)
+
+    def _root(self, agent: Agent) -> Root:
+        limits = agent.limits
+        return Root(agent.child.pid, agent.child.start, limits.metric, 0.9 * limits.warning_mb)
+
+    def _apply_sample(self, agent: Agent, tree: TreeSample, now: float) -> None:
+        agent.members = tree.members
+        mb = None
+        eta = None
+        if tree.members:
+            mb = tree.mb
+            if mb > 0:  # A process being killed shows 0 for an instant before it is gone.
+                agent.end_mb = mb
+            if agent.start_mb is None:
+                agent.start_mb = mb
+            if mb >= agent.limits.max_mb and agent.crossed_at is None:
+                agent.crossed_at = cadence.crossing_time(agent.growth, now, mb, agent.limits.max_mb)
+            agent.growth = cadence.observe(agent.growth, now, mb)
+            eta = cadence.time_to(agent.growth, agent.limits.max_mb)
+        agent.state, actions = policy.step(agent.state, now, agent.limits, mb, eta)
+        self._carry_out(agent, actions)
+        if agent.exit is not None and not tree.members:
+            self._finish(agent)
+            return
+        floor = self.config.daemon.min_interval_s
+        age = now - agent.state.started_at
+        interval = self.config.check_interval_s
+        agent.next_due = now + cadence.next_delay(agent.growth, agent.limits, age, floor, interval)
+
+    def _due(self, agent: Agent) -> float:
+        deadline = policy.next_deadline(agent.state, agent.limits)
+        return agent.next_due if deadline is None else min(agent.next_due, deadline)
+
+    def _next_delay(self) -> float:
+        wake = self._full_due
         for agent in self.agents.values():
-            deadline = policy.next_deadline(agent.state, agent.limits)
-            if deadline is not None:
-                wake = min(wake, deadline)
-        return max(0.0, wake - now)
+            wake = min(wake, self._due(agent))
+        return max(0.0, wake - self.clock())
 
     async def _watch_exit(self, agent: Agent) -> None:
         agent.exit = await launcher.wait_exit(agent.child)
@@ -265,7 +310,7 @@ class Supervisor:
             agent.state, self.clock(), agent.limits.term_grace_s
         )
         self._carry_out(agent, actions)
-        self._wake.set()
+        self.request_full_scan()
 
     async def _stop_quietly(self, subprocess_id: str, reason: EndReason) -> None:
         with suppress(NotFoundError):  # It may have ended on its own meanwhile.
@@ -274,20 +319,40 @@ class Supervisor:
     # -- actions ----------------------------------------------------------------------------
 
     def _carry_out(self, agent: Agent, actions: list[Action]) -> None:
+        # Signals first: the records can wait a millisecond, a tree at its limit cannot.
+        for action in actions:
+            if isinstance(action, Signal):
+                self._send(agent, action)
         for action in actions:
             if isinstance(action, Alert):
                 self._write_alert(
-                    agent.id, agent.agent_type, agent.child.pid, action, agent.state.ending
+                    agent.id,
+                    agent.agent_type,
+                    agent.child.pid,
+                    action,
+                    agent.state.ending,
+                    self._alert_fields(agent, action),
                 )
-            elif isinstance(action, Signal):
-                self._send(agent, action)
+
+    def _alert_fields(self, agent: Agent, alert: Alert) -> dict[str, Any]:
+        """Growth and timing figures that make an alert actionable."""
+        fields: dict[str, Any] = dict(agent.projection())
+        if alert.event in (AlertEvent.SIGTERM_SENT, AlertEvent.SIGKILL_SENT) and (
+            agent.crossed_at is not None and agent.signalled_at is not None
+        ):
+            fields["crossed_to_term_s"] = round(agent.signalled_at - agent.crossed_at, 4)
+        return fields
 
     def _send(self, agent: Agent, action: Signal) -> None:
+        if agent.signalled_at is None:
+            agent.signalled_at = self.clock()
         sent: list[int] = []
         if agent.child.pidfd >= 0 and enforcer.signal_pidfd(agent.child.pidfd, action.signal):
             sent.append(agent.child.pid)
         others = [m for m in agent.members if m[0] != agent.child.pid]
         sent += enforcer.signal_tree(others, action.signal)
+        # Look again soon: the tree may be gone, or may need SIGKILL for a new child.
+        agent.next_due = min(agent.next_due, self.clock() + SIGNAL_RECHECK_S)
         if sent:
             log.info(
                 "signal_sent",
@@ -304,6 +369,7 @@ class Supervisor:
         pid: int | None,
         alert: Alert,
         reason: EndReason | None,
+        extra: dict[str, Any] | None = None,
     ) -> None:
         record = {
             **timestamps(),
@@ -319,6 +385,7 @@ class Supervisor:
         }
         if reason is not None:
             record["reason"] = reason.value
+        record.update(extra or {})
         self.eventlog.alerts.write(record)
         log.warning(
             "memory_alert",
@@ -338,13 +405,17 @@ class Supervisor:
         del self.agents[agent.id]
         self._sampler.forget(agent.id)
         self.persist(force=True)
+        if agent.signalled_at is not None:
+            record_event = {**record, "term_to_gone_s": round(now - agent.signalled_at, 4)}
+        else:
+            record_event = record
         log.info(
             "agent_finished",
             subprocess_id=agent.id,
             reason=reason.value,
             peak_mb=round(agent.state.peak_mb, 1),
         )
-        self.bus.publish({"type": "exit", **record})
+        self.bus.publish({"type": "exit", **record_event})
         agent.done.set()
 
     def _command(self, request: LaunchRequest) -> tuple[str, ...]:

@@ -30,6 +30,7 @@ DEFAULT_LIMITS = {
     "timeout_s": None,
     "enabled": True,
     "metric": "rss",
+    "predict_s": None,
 }
 
 
@@ -288,7 +289,7 @@ def test_unknown_key_lists_the_allowed_ones() -> None:
 @pytest.mark.parametrize(
     ("data", "parts"),
     [
-        ({"memroy": {}}, ["unknown section 'memroy'", "allowed:", "agents, daemon, memory"]),
+        ({"memroy": {}}, ["unknown section 'memroy'", "allowed:", "agents", "daemon", "memory"]),
         ({"daemon": {"sockett": "x"}}, ["[daemon]", "unknown key 'sockett'", "socket"]),
         ({"daemon": {"log_backups": 0}}, ["daemon.log_backups", "0", "whole number >= 1"]),
         ({"daemon": {"log_max_bytes": 1.5}}, ["daemon.log_max_bytes", "1.5", "whole number"]),

@@ -11,6 +11,7 @@ import pytest
 
 from supervisord.client import AsyncClient
 from supervisord.errors import RemoteError
+from supervisord.home import Home
 from tests.conftest import (
     TEST_MEMORY,
     DaemonProcess,
@@ -20,6 +21,7 @@ from tests.conftest import (
     read_jsonl,
     simagent,
     wait_output,
+    write_config,
 )
 
 pytestmark = pytest.mark.anyio
@@ -62,7 +64,7 @@ async def test_hog_crosses_every_level_and_is_terminated(daemon: DaemonProcess) 
         assert alert["ts"].endswith("Z")
         assert "+" not in alert["timestamp"]
     (stats_line,) = [r for r in read_jsonl(daemon.home.stats_log) if r["subprocess_id"] == sid]
-    assert stats_line == {k: v for k, v in record.items() if k != "type"}
+    assert stats_line == {k: v for k, v in record.items() if k not in ("type", "term_to_gone_s")}
 
 
 async def test_whole_tree_is_gone_within_grace_plus_two_intervals(daemon: DaemonProcess) -> None:
@@ -193,3 +195,27 @@ async def test_agent_runs_in_own_session_with_raised_oom_score(aclient: AsyncCli
     environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
     assert f"CLAUDE_PM_SUBPROCESS_ID={result['subprocess_id']}".encode() in environ
     await aclient.kill(result["subprocess_id"])
+
+
+async def test_fast_leak_is_sampled_sooner_than_the_interval(home: Home) -> None:
+    """At a 2 s idle interval a 500 MB/s tree would pass max_mb by ~1 GB between scans;
+    adaptive sampling stops it close to the limit, and the alerts carry the projection."""
+    write_config(home, {"check_interval_s": 2.0, "predict_s": 5.0})
+    proc = DaemonProcess(home).start()
+    try:
+        async with proc.async_client() as client, proc.async_client() as sub:
+            events = await Events(sub).start()
+            await anyio.sleep(2.5)  # launch mid-interval, well away from the launch-time scan
+            sid = await launch(client, "hog", simagent("--hold-mb", "10", "--rate", "500"))
+            record = await events.exit_of(sid)
+    finally:
+        proc.close()
+    assert record["reason"] == "memory_limit"
+    assert record["memory_stats"]["peak_mb"] < 2 * TEST_MEMORY["max_mb"]
+    alerts = [a for a in read_jsonl(home.alerts_log) if a["subprocess_id"] == sid]
+    by_event = {a["event"]: a for a in alerts}
+    assert by_event["memory_critical"]["growth_mb_s"] > 0
+    assert "crossed_to_term_s" in by_event["sigterm_sent"]
+    assert "limit_predicted" in by_event
+    assert "hard limit 200 MB is reached in" in by_event["limit_predicted"]["message"]
+    assert record["term_to_gone_s"] >= 0
