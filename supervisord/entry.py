@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import ctypes
 import os
+import resource
 import socket
 import sys
 import time
+from contextlib import suppress
 from pathlib import Path
 
 import anyio
@@ -22,6 +24,7 @@ from supervisord.eventlog import configure_daemon_log
 from supervisord.home import Home, find_home
 
 PR_SET_CHILD_SUBREAPER = 36
+FD_LIMIT = 65536
 log = structlog.get_logger("supervisord.entry")
 
 
@@ -31,6 +34,19 @@ def become_subreaper() -> bool:
         return False
     libc = ctypes.CDLL(None, use_errno=True)
     return int(libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)) == 0
+
+
+def raise_fd_limit() -> int:
+    """One pidfd per agent and one kept-open statm fd per process: hundreds of agent trees
+    pass the usual soft limit of 1024. Agents inherit the limit, so it is raised only as far
+    as the systemd unit's LimitNOFILE, not to the hard limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = FD_LIMIT if hard == resource.RLIM_INFINITY else min(hard, FD_LIMIT)
+    if target > soft:
+        with suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            return target
+    return soft
 
 
 def run(*, detach: bool = False) -> int:
@@ -51,6 +67,7 @@ def run(*, detach: bool = False) -> int:
     if inherited is not None:
         inherited.setblocking(False)
     subreaper = become_subreaper()
+    raise_fd_limit()
     anyio.run(_main, config, home, inherited, subreaper, notifier, watchdog_s, ready_fd)
     return 0
 
