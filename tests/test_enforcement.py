@@ -9,6 +9,7 @@ from pathlib import Path
 import anyio
 import pytest
 
+from supervisord import procfs
 from supervisord.client import AsyncClient
 from supervisord.errors import RemoteError
 from supervisord.home import Home
@@ -154,6 +155,20 @@ async def test_escaped_setsid_grandchild_is_counted_and_killed(
     assert record["reason"] == "memory_limit"
     assert record["memory_stats"]["peak_mb"] >= TEST_MEMORY["max_mb"]
     assert not alive(escaped)
+    # The escaped grandchild was reparented to the daemon (a subreaper), so the daemon must
+    # reap it: no zombie of it is left behind.
+    assert daemon.proc is not None
+    with anyio.fail_after(5):
+        while zombies_of(daemon.proc.pid):
+            await anyio.sleep(0.05)
+
+
+def zombies_of(parent: int) -> list[int]:
+    found = []
+    for entry in procfs.scan().values():
+        if entry.zombie and entry.ppid == parent:
+            found.append(entry.pid)
+    return found
 
 
 async def test_launch_refused_below_warning_unless_forced(
