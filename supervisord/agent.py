@@ -11,6 +11,7 @@ import anyio
 
 from supervisord import cadence, policy
 from supervisord.cadence import Growth
+from supervisord.cgroup import AgentCgroup
 from supervisord.config import Limits
 from supervisord.eventlog import timestamps
 from supervisord.events import EndReason, Level
@@ -40,6 +41,8 @@ class Agent:
     next_due: float = 0.0
     crossed_at: float | None = None  # when the tree most likely crossed max_mb
     signalled_at: float | None = None  # when the first SIGTERM (or SIGKILL) went out
+    cgroup: AgentCgroup | None = None
+    cgroup_scope: anyio.CancelScope | None = None
 
     def status_word(self) -> str:
         if self.state.ending is not None and self.state.ending.aborted:

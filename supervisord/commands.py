@@ -97,6 +97,7 @@ class Commands:
             "daemon": self.daemon.info(),
             "config": config.public(),
             "monitoring": "enabled" if enabled else "disabled (CLAUDE_PM_DISABLE_MEMORY_MONITOR)",
+            "cgroups": self.supervisor.cgroup_status,
             "system_memory": system_memory().as_dict(),
             "agent_count": len(self.supervisor.agents),
             "agents": self.supervisor.stats(),

@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 import tomli_w
 
+from supervisord.cgroup import CgroupSettings
 from supervisord.errors import ConfigError
 
 Metric = Literal["rss", "pss"]
@@ -160,6 +161,7 @@ class Config:
     sources: tuple[str, ...] = ("defaults",)
     metrics: MetricsSettings = MetricsSettings()
     alerts: AlertSettings = AlertSettings()
+    cgroup: CgroupSettings = field(default_factory=CgroupSettings)
 
     @property
     def check_interval_s(self) -> float:
@@ -224,7 +226,7 @@ def load_config(path: Path | None, environ: Mapping[str, str] | None = None) -> 
     return replace(config, limits=limits, daemon=daemon, sources=tuple(sources))
 
 
-SECTIONS = ("memory", "daemon", "agents", "metrics", "alerts")
+SECTIONS = ("memory", "daemon", "agents", "metrics", "alerts", "cgroup")
 MEMORY_KEYS = LIMIT_KEYS | {"check_interval_s", "min_interval_s"}
 DAEMON_KEYS = frozenset(f.name for f in fields(DaemonSettings)) - {
     "check_interval_s",
@@ -243,7 +245,15 @@ def parse_config(data: Mapping[str, Any]) -> Config:
     agents = {name: _parse_agent(name, section) for name, section in _table(data, "agents").items()}
     metrics = _parse_metrics(_table(data, "metrics"))
     alerts = _parse_alerts(_table(data, "alerts"))
-    return Config(limits=limits, daemon=daemon, agents=agents, metrics=metrics, alerts=alerts)
+    cgroup = CgroupSettings.from_table(_table(data, "cgroup"))
+    return Config(
+        limits=limits,
+        daemon=daemon,
+        agents=agents,
+        metrics=metrics,
+        alerts=alerts,
+        cgroup=cgroup,
+    )
 
 
 METRICS_KEYS = frozenset({"listen", "guide_names"})

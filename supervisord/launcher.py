@@ -8,15 +8,17 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import signal
 import subprocess
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import anyio
 
 from supervisord import procfs
+from supervisord.cgroup import AgentCgroup
 from supervisord.errors import LaunchError
 from supervisord.sampler import MARKER_ENV
 
@@ -42,6 +44,8 @@ class LaunchSpec:
     cwd: str | None = None
     env: Mapping[str, str] | None = None
     user: Credentials | None = None
+    # The agent's memory cgroup: a shim joins it before exec'ing the command.
+    cgroup: AgentCgroup | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +69,17 @@ class Child:
     popen: subprocess.Popen[bytes] | None = None
 
 
+def _require_executable(name: str, path: str | None, cwd: str | None) -> None:
+    if "/" in name:
+        full = Path(cwd or ".") / name
+        if not (full.is_file() and os.access(full, os.X_OK)):
+            raise LaunchError(f"executable {name!r} not found or not executable")
+    elif shutil.which(name, path=path) is None:
+        raise LaunchError(f"executable {name!r} not found (PATH or absolute path)")
+    if cwd and not Path(cwd).is_dir():
+        raise LaunchError(f"cwd {cwd!r} does not exist")
+
+
 def new_subprocess_id(agent_type: str) -> str:
     return f"{agent_type}_{secrets.token_hex(6)}"
 
@@ -75,13 +90,21 @@ def spawn(spec: LaunchSpec) -> Child:
     env = dict(os.environ if spec.env is None else spec.env)
     env[MARKER_ENV] = spec.subprocess_id
     env["CLAUDE_PM_AGENT_TYPE"] = spec.agent_type
+    argv: Sequence[str] = spec.command
+    stdin: int = subprocess.DEVNULL
+    placement = None
+    if spec.cgroup is not None:
+        # The shell shim would turn a missing executable into exit 127: say so up front.
+        _require_executable(spec.command[0], env.get("PATH"), spec.cwd)
+        placement = spec.cgroup.placement(spec.command)
+        argv, stdin = placement.argv, placement.stdin
     try:
         with open(spec.log_path, "ab") as log:
             if spec.user is not None:
                 os.fchown(log.fileno(), spec.user.uid, spec.user.gid)
             popen = subprocess.Popen(
-                spec.command,
-                stdin=subprocess.DEVNULL,
+                argv,
+                stdin=stdin,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 cwd=spec.cwd,
@@ -101,6 +124,9 @@ def spawn(spec: LaunchSpec) -> Child:
         raise LaunchError(f"cannot run {spec.command[0]!r}: {exc.strerror}") from exc
     except (OSError, ValueError, subprocess.SubprocessError) as exc:
         raise LaunchError(f"cannot start {spec.command[0]!r}: {exc}") from exc
+    finally:
+        if placement is not None:
+            placement.close()
     pidfd = os.pidfd_open(popen.pid)
     start = procfs.start_time(popen.pid) or 0
     try:

@@ -120,6 +120,25 @@ def root_exited(state: AgentState, now: float, grace_s: float) -> tuple[AgentSta
     return _grace(state, now, actions)
 
 
+def kernel_oom(
+    state: AgentState, now: float, mb: float, ceiling_mb: float
+) -> tuple[AgentState, list[Action]]:
+    """The tree hit its cgroup's hard ceiling: SIGKILL it now, there is no grace to give.
+
+    (On cgroup v1 the group's tasks are paused at the ceiling, so a SIGTERM handler could
+    not even run.) An agent already being ended keeps its reason; otherwise it is
+    ``oom_killed``.
+    """
+    message = f"OOM: tree reached its kernel ceiling {ceiling_mb:g} MB; SIGKILL"
+    actions: list[Action] = [_alert(AlertEvent.OOM_KILL, mb, ceiling_mb, message)]
+    if state.kill_sent:
+        return state, actions
+    reason = state.ending or EndReason.OOM_KILLED
+    actions.append(Signal(signal.SIGKILL, reason))
+    term_sent_at = now if state.term_sent_at is None else state.term_sent_at
+    return replace(state, ending=reason, term_sent_at=term_sent_at, kill_sent=True), actions
+
+
 def next_deadline(state: AgentState, limits: Limits) -> float | None:
     """When time alone will next change this agent (grace expiry or timeout), if ever."""
     if state.ending is not None:

@@ -23,6 +23,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from supervisord import procfs
+from supervisord.cgroup import AgentCgroup
 from supervisord.config import Metric
 from supervisord.procfs import ProcEntry, StatmCache
 from supervisord.sysmem import MIB
@@ -40,6 +41,16 @@ class Root:
     metric: Metric = "rss"
     # With metric "pss", PSS is computed only once the RSS sum reaches this (an upper bound).
     pss_from_mb: float = 0.0
+    # The agent's memory cgroup: every process in it is in the tree, however it got away.
+    cgroup: AgentCgroup | None = None
+
+    def cgroup_pids(self) -> list[int]:
+        if self.cgroup is None:
+            return []
+        try:
+            return self.cgroup.pids()
+        except OSError:
+            return []  # removed already: the tree is gone
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +118,9 @@ class Sampler:
         for agent_id, root in roots.items():
             known = self._trees[agent_id]
             known.add((root.pid, root.start))
+            for pid in root.cgroup_pids():
+                if (entry := procfs.read_entry(pid)) is not None:
+                    known.add((pid, entry.start))
             live: list[Identity] = []
             seen: set[int] = set()
             stack = list(known)

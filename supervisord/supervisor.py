@@ -22,7 +22,9 @@ from anyio.abc import TaskGroup, TaskStatus
 
 from supervisord import cadence, enforcer, launcher, policy, state
 from supervisord.agent import Agent, lost_record
+from supervisord.backstop import Backstop
 from supervisord.bus import Broadcaster
+from supervisord.cgroup import AgentCgroup
 from supervisord.config import Config, Limits
 from supervisord.errors import LaunchError, LaunchRefused, NotFoundError, SupervisordError
 from supervisord.eventlog import EventLog, timestamps
@@ -31,10 +33,10 @@ from supervisord.home import Home
 from supervisord.launcher import Credentials, LaunchSpec
 from supervisord.sampler import Root, Sampler, ScanResult, TreeSample
 from supervisord.state import AgentRecord
-from supervisord.sysmem import system_memory
+from supervisord.sysmem import MIB, system_memory
 
 log = structlog.get_logger("supervisord.supervisor")
-PERSIST_INTERVAL_S = 5.0
+PERSIST_INTERVAL_S = 1.0
 SIGNAL_RECHECK_S = 0.1
 
 
@@ -61,8 +63,11 @@ class Supervisor:
         clock: Callable[[], float] = time.monotonic,
         reap_orphans: bool = False,
         on_tick: Callable[[int], None] | None = None,
+        backstop: Backstop | None = None,
     ) -> None:
         self.config = config
+        self.backstop = backstop
+        self.cgroup_status: dict[str, Any] = {"in_force": "off", "reason": "not detected"}
         self.home = home
         self.eventlog = eventlog
         self.bus = Broadcaster()
@@ -76,6 +81,7 @@ class Supervisor:
         self._wake = anyio.Event()
         self._tg: TaskGroup | None = None
         self._persisted_at = -PERSIST_INTERVAL_S
+        self._persisted: list[AgentRecord] = []
         self._full_due = 0.0
         self.last_sample_s = 0.0
         self.fast_samples = 0
@@ -104,6 +110,7 @@ class Supervisor:
             raise LaunchRefused(message)
         agent_type = self.config.agent_type(request.agent_type)
         env = {**os.environ, **agent_type.env, **request.env}
+        cgroup = None if self.backstop is None else self.backstop.create(subprocess_id, limits)
         spec = LaunchSpec(
             subprocess_id=subprocess_id,
             agent_type=request.agent_type,
@@ -112,8 +119,14 @@ class Supervisor:
             cwd=request.cwd or agent_type.cwd,
             env=env,
             user=request.user,
+            cgroup=cgroup,
         )
-        child = launcher.spawn(spec)
+        try:
+            child = launcher.spawn(spec)
+        except LaunchError:
+            if cgroup is not None:
+                cgroup.remove()
+            raise
         now = self.clock()
         agent = Agent(
             id=subprocess_id,
@@ -126,6 +139,7 @@ class Supervisor:
             state=policy.AgentState(started_at=now),
             owner_uid=request.owner_uid,
             members=((child.pid, child.start),),
+            cgroup=cgroup,
         )
         self._register(agent)
         log.info(
@@ -150,6 +164,8 @@ class Supervisor:
             except SupervisordError:
                 limits = Limits(**record.limits)  # Its type's section changed; keep its own.
             agent = Agent.restore(record, child, limits, self.clock())
+            if self.backstop is not None:
+                agent.cgroup = self.backstop.adopt(agent.id)
             self._sampler.remember(agent.id, agent.members)
             self._register(agent)
             log.info("agent_adopted", subprocess_id=agent.id, pid=child.pid)
@@ -158,19 +174,23 @@ class Supervisor:
         assert self._tg is not None, "Supervisor.run() must be started first"
         self.agents[agent.id] = agent
         self._tg.start_soon(self._watch_exit, agent)
+        if self.backstop is not None and agent.cgroup is not None:
+            self._tg.start_soon(self._watch_cgroup, agent, self.backstop, agent.cgroup)
         self.persist(force=True)
         self._wake.set()
 
     def persist(self, *, force: bool = False) -> None:
-        """Keep run/state.json current: at once on launch and end, else every few seconds."""
+        """Keep run/state.json current: at once on launch and end; otherwise at most once a
+        second, and only when something a restarted daemon would need has changed."""
         now = self.clock()
         if not force and now - self._persisted_at < PERSIST_INTERVAL_S:
             return
-        self._persisted_at = now
+        snapshot = [a.snapshot() for a in self.agents.values()]
+        if not force and snapshot == self._persisted:
+            return
+        self._persisted_at, self._persisted = now, snapshot
         try:
-            state.save(
-                self.home.state_file, os.getpid(), [a.snapshot() for a in self.agents.values()]
-            )
+            state.save(self.home.state_file, os.getpid(), snapshot)
         except OSError as exc:
             log.error("state_save_failed", path=str(self.home.state_file), error=str(exc))
 
@@ -209,6 +229,8 @@ class Supervisor:
         """New thresholds for running agents (``reload``); their launch overrides still win."""
         for agent in self.agents.values():
             agent.limits = config.limits_for(agent.agent_type, agent.overrides)
+            if self.backstop is not None and agent.cgroup is not None:
+                self.backstop.apply(agent.cgroup, agent.limits)
         self.config = config
         self._wake.set()
 
@@ -266,7 +288,13 @@ class Supervisor:
 
     def _root(self, agent: Agent) -> Root:
         limits = agent.limits
-        return Root(agent.child.pid, agent.child.start, limits.metric, 0.9 * limits.warning_mb)
+        return Root(
+            agent.child.pid,
+            agent.child.start,
+            limits.metric,
+            0.9 * limits.warning_mb,
+            agent.cgroup,
+        )
 
     def _apply_sample(self, agent: Agent, tree: TreeSample, now: float) -> None:
         agent.members = tree.members
@@ -312,6 +340,23 @@ class Supervisor:
         self._carry_out(agent, actions)
         self.request_full_scan()
 
+    async def _watch_cgroup(self, agent: Agent, backstop: Backstop, cgroup: AgentCgroup) -> None:
+        """The kernel's view of the tree: usage at max_mb, the ceiling reached."""
+
+        def at_threshold() -> None:
+            agent.next_due = self.clock()  # look now, not at the next tick
+            self._wake.set()
+
+        def at_ceiling(mb: float) -> None:
+            agent.state, actions = policy.kernel_oom(
+                agent.state, self.clock(), mb, backstop.ceiling_mb(agent.limits)
+            )
+            self._carry_out(agent, actions)
+
+        with anyio.CancelScope() as scope:
+            agent.cgroup_scope = scope
+            await backstop.watch(cgroup, agent.limits.max_mb, at_threshold, at_ceiling)
+
     async def _stop_quietly(self, subprocess_id: str, reason: EndReason) -> None:
         with suppress(NotFoundError):  # It may have ended on its own meanwhile.
             await self.stop(subprocess_id, reason=reason)
@@ -351,6 +396,10 @@ class Supervisor:
             sent.append(agent.child.pid)
         others = [m for m in agent.members if m[0] != agent.child.pid]
         sent += enforcer.signal_tree(others, action.signal)
+        if agent.cgroup is not None:
+            # Members no scan has seen yet (forked a moment ago) are in the group already.
+            with suppress(OSError):
+                sent += [p for p in agent.cgroup.signal_all(action.signal) if p not in sent]
         # Look again soon: the tree may be gone, or may need SIGKILL for a new child.
         agent.next_due = min(agent.next_due, self.clock() + SIGNAL_RECHECK_S)
         if sent:
@@ -400,10 +449,20 @@ class Supervisor:
         now = self.clock()
         reason = agent.state.ending or EndReason.EXITED
         record = agent.end_record(now)
+        if agent.cgroup is not None:
+            with suppress(OSError):
+                # The kernel's own high-water mark of the tree: every byte, never sampled.
+                peak = agent.cgroup.peak_bytes()
+                if peak is not None:
+                    record["memory_stats"]["cgroup_peak_mb"] = round(peak / MIB, 1)
         self.eventlog.stats.write(record)
         agent.record = record
         del self.agents[agent.id]
         self._sampler.forget(agent.id)
+        if agent.cgroup_scope is not None:
+            agent.cgroup_scope.cancel()
+        if self.backstop is not None and agent.cgroup is not None and self._tg is not None:
+            self._tg.start_soon(self.backstop.retire, agent.cgroup)
         self.persist(force=True)
         if agent.signalled_at is not None:
             record_event = {**record, "term_to_gone_s": round(now - agent.signalled_at, 4)}

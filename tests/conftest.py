@@ -48,6 +48,9 @@ def short_tmp() -> Iterator[Path]:
 
 def write_config(home: Home, memory: dict[str, Any] | None = None, **sections: Any) -> None:
     home.config_file.parent.mkdir(parents=True, exist_ok=True)
+    # The kernel ceiling 50% above max_mb (not 10%): tests of the graceful escalation must
+    # not race the cgroup OOM; tests of the backstop set their own margin.
+    sections.setdefault("cgroup", {"hard_margin_pct": 50})
     document = {"memory": {**TEST_MEMORY, **(memory or {})}, **sections}
     home.config_file.write_text(tomli_w.dumps(document))
 

@@ -86,8 +86,10 @@ async def test_whole_tree_is_gone_within_grace_plus_two_intervals(daemon: Daemon
 
 
 async def test_sigterm_ignoring_tree_is_sigkilled(daemon: DaemonProcess) -> None:
+    # Capped between max_mb (200) and the kernel ceiling (300 with the tests' 50% margin),
+    # so it is the grace period that ends, not the cgroup's OOM.
     command = simagent(
-        "--hold-mb", "10", "--rate", "150", "--cap", "300", "--in-child", "--ignore-term"
+        "--hold-mb", "10", "--rate", "150", "--cap", "220", "--in-child", "--ignore-term"
     )
     async with daemon.async_client() as client, daemon.async_client() as sub:
         events = await Events(sub).start()
@@ -234,3 +236,40 @@ async def test_fast_leak_is_sampled_sooner_than_the_interval(home: Home) -> None
     assert "limit_predicted" in by_event
     assert "hard limit 200 MB is reached in" in by_event["limit_predicted"]["message"]
     assert record["term_to_gone_s"] >= 0
+
+
+async def test_kernel_ceiling_holds_a_1gb_per_s_hog(home: Home) -> None:
+    """With a 10% margin the cgroup never lets the tree's charge past 330 MB for max 300,
+    however fast it grows; the daemon's SIGTERM (or the OOM event) ends it."""
+    write_config(home, {"max_mb": 300}, cgroup={"mode": "required", "hard_margin_pct": 10})
+    proc = DaemonProcess(home).start()
+    try:
+        async with proc.async_client() as client, proc.async_client() as sub:
+            assert (await client.status())["cgroups"]["in_force"] in ("v1", "v2")
+            events = await Events(sub).start()
+            sid = await launch(client, "hog", simagent("--hold-mb", "10", "--rate", "1000"))
+            record = await events.exit_of(sid, timeout_s=30)
+    finally:
+        proc.close()
+    assert record["reason"] in ("memory_limit", "oom_killed")
+    assert record["memory_stats"]["aborted"] is True
+    assert record["memory_stats"]["cgroup_peak_mb"] <= 330.0
+
+
+async def test_ceiling_reached_during_the_grace_kills_at_once(home: Home) -> None:
+    """A tree that ignores SIGTERM and keeps growing reaches the kernel ceiling long before
+    its grace period ends: the OOM event makes the daemon SIGKILL it there and then."""
+    write_config(home, {"term_grace_s": 20}, cgroup={"mode": "required", "hard_margin_pct": 10})
+    proc = DaemonProcess(home).start()
+    try:
+        async with proc.async_client() as client, proc.async_client() as sub:
+            events = await Events(sub).start()
+            command = simagent("--hold-mb", "10", "--rate", "300", "--ignore-term")
+            sid = await launch(client, "stubborn", command)
+            record = await events.exit_of(sid, timeout_s=15)  # well inside the 20 s grace
+    finally:
+        proc.close()
+    assert record["signal"] == "SIGKILL"
+    assert record["reason"] == "memory_limit"
+    assert events.alerts_of(sid)[-2:] == ["sigterm_sent", "oom_kill"]
+    assert record["memory_stats"]["cgroup_peak_mb"] <= 220.0

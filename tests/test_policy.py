@@ -848,3 +848,22 @@ def test_property_levels_peak_and_current_follow_the_samples(
             assert mb >= policy.HYSTERESIS * limits.critical_mb
         if after.level >= Level.WARNING:
             assert mb >= policy.HYSTERESIS * limits.warning_mb
+
+
+def test_kernel_oom_kills_at_once_with_reason_oom_killed() -> None:
+    state, actions = policy.kernel_oom(fresh(), 3.0, 4500.0, 4505.6)
+    assert events(actions) == [AlertEvent.OOM_KILL]
+    assert signals(actions) == [Signal(signal.SIGKILL, EndReason.OOM_KILLED)]
+    assert state.ending is EndReason.OOM_KILLED
+    assert state.kill_sent is True
+    assert state.ending.aborted
+
+
+def test_kernel_oom_during_a_memory_limit_grace_skips_the_rest_of_it() -> None:
+    state, _ = policy.step(fresh(), 0.0, LIMITS, 4200.0)
+    assert state.ending is EndReason.MEMORY_LIMIT
+    state, actions = policy.kernel_oom(state, 0.5, 4505.0, 4505.6)
+    assert signals(actions) == [KILL]
+    assert state.ending is EndReason.MEMORY_LIMIT
+    state, again = policy.kernel_oom(state, 0.6, 4505.0, 4505.6)
+    assert signals(again) == []  # SIGKILL went out already

@@ -17,6 +17,15 @@ from tests.conftest import DaemonProcess, Events, alive, read_jsonl, simagent, w
 pytestmark = pytest.mark.anyio
 
 
+def saved_peak(home: Home, subprocess_id: str) -> float:
+    try:
+        document = json.loads(home.state_file.read_text())
+    except (OSError, ValueError):
+        return 0.0
+    peaks = [a["peak_mb"] for a in document["agents"] if a["subprocess_id"] == subprocess_id]
+    return float(peaks[0]) if peaks else 0.0
+
+
 def sigkill(daemon: DaemonProcess) -> None:
     daemon.signal(signal.SIGKILL)
     daemon.wait(10)
@@ -29,8 +38,10 @@ async def test_sigkilled_daemon_restarts_and_keeps_enforcing(home: Home) -> None
             leaker = await client.launch("leaker", simagent("--hold-mb", "10", "--rate", "40"))
             steady = await client.launch("steady", simagent("--hold-mb", "5"))
             short = await client.launch("short", simagent("--hold-mb", "5", "--duration", "3"))
+            # The daemon keeps run/state.json current within a second: wait until it holds
+            # the leaker's growth, then crash the daemon.
             with anyio.fail_after(10):
-                while (await client.stats(leaker["subprocess_id"]))["current_mb"] < 20:
+                while saved_peak(home, leaker["subprocess_id"]) < 20:
                     await anyio.sleep(0.05)
         sigkill(first)
     finally:
