@@ -127,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--leave-agents", action="store_true")
     p.add_argument("--no-wait", action="store_true", help="return without waiting for the exit")
     add("demo", cmd_demo, "a self-contained run that shows the whole escalation")
+    p = add("top", cmd_top, "live view of system memory and every agent (q quits)")
+    p.add_argument("--interval", type=_positive, default=1.0, metavar="S", help="refresh, seconds")
+    p.add_argument("--once", action="store_true", help="print one frame and exit")
     return parser
 
 
@@ -397,6 +400,12 @@ def cmd_report(args: argparse.Namespace) -> int:
     else:
         print(result.text)
     return OK
+
+
+def cmd_top(args: argparse.Namespace) -> int:
+    from supervisord import top
+
+    return top.main(resolve_socket(_home()), interval_s=args.interval, once=args.once)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

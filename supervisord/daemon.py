@@ -23,7 +23,9 @@ import anyio
 import structlog
 from anyio.abc import SocketListener, TaskStatus
 
-from supervisord import __version__, state
+from supervisord import __version__, metrics, state, webhooks
+from supervisord.backstop import Backstop
+from supervisord.cgroup import detect, group_name
 from supervisord.commands import Commands
 from supervisord.config import ENV_VARIABLES, Config, load_config
 from supervisord.errors import ConfigError, DaemonAlreadyRunning
@@ -185,7 +187,18 @@ async def serve(
         stack.callback(home.pid_file.unlink, missing_ok=True)
         eventlog = EventLog(home, config.daemon.log_max_bytes, config.daemon.log_backups)
         stack.callback(eventlog.close)
-        supervisor = Supervisor(config, home, eventlog, reap_orphans=reap_orphans, on_tick=on_tick)
+        backstop, cgroup_status = open_backstop(config, home, state.load(home.state_file)[0])
+        if backstop is not None:
+            stack.callback(backstop.close)
+        supervisor = Supervisor(
+            config,
+            home,
+            eventlog,
+            reap_orphans=reap_orphans,
+            on_tick=on_tick,
+            backstop=backstop,
+        )
+        supervisor.cgroup_status = cgroup_status
         daemon = Daemon(
             home=home,
             config_path=config_path or home.config_file,
@@ -195,6 +208,11 @@ async def serve(
         )
         server = ControlServer(Commands(supervisor, daemon), config.daemon)
         async with anyio.create_task_group() as tg:
+            # Observers subscribe to the bus before any agent (a re-adopted one included) can
+            # publish; a metrics address that cannot be bound fails the start, with its key.
+            if config.metrics.listen is not None:
+                await tg.start(metrics.serve, supervisor, config.metrics)
+            await tg.start(webhooks.serve, supervisor)
             await tg.start(supervisor.run)
             records, problems = state.load(home.state_file)
             for problem in problems:
@@ -226,6 +244,28 @@ async def serve(
             supervisor.persist(force=True)
             tg.cancel_scope.cancel()
         log.info("daemon_stopped")
+
+
+def open_backstop(
+    config: Config, home: Home, records: list[state.AgentRecord]
+) -> tuple[Backstop | None, dict[str, Any]]:
+    """Per-agent memory cgroups, where the daemon may create them (``[cgroup] mode``).
+
+    Groups a crashed daemon left behind are removed when empty; those of agents in
+    ``state.json`` are kept for re-adoption. ``required`` without cgroups refuses to start.
+    """
+    settings = config.cgroup
+    detection = detect(settings.root, settings.mode, group=group_name(home.root))
+    log.info("cgroups", **detection.as_dict())
+    if detection.manager is None:
+        return None, detection.as_dict()
+    leftovers = detection.manager.cleanup_leftovers(r.subprocess_id for r in records)
+    if leftovers.removed or leftovers.populated:
+        log.info(
+            "cgroup_leftovers", removed=list(leftovers.removed), populated=list(leftovers.populated)
+        )
+    backstop = Backstop(detection.manager, settings, detection)
+    return backstop, backstop.status()
 
 
 async def _signals(daemon: Daemon) -> None:

@@ -13,7 +13,6 @@ request head read under a deadline, a cap on concurrent connections. It answers 
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Iterable, Mapping
 from contextlib import suppress
 from typing import Any, Protocol
@@ -32,7 +31,6 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
-from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from supervisord import __version__
 from supervisord.bus import Broadcaster
@@ -43,10 +41,23 @@ from supervisord.sysmem import SystemMemory, system_memory
 log = structlog.get_logger("supervisord.metrics")
 
 AGENT_LABELS = ("subprocess_id", "agent_type")
+MIB = 1024 * 1024
 LEVELS = {"OK": 0, "WARNING": 1, "CRITICAL": 2}
 THRESHOLDS = ("warning_mb", "critical_mb", "max_mb")
+KNOWN_ALERTS = (
+    ("memory_warning", "WARNING"),
+    ("memory_critical", "CRITICAL"),
+    ("sigterm_sent", "CRITICAL"),
+    ("sigkill_sent", "CRITICAL"),
+    ("timeout", "CRITICAL"),
+    ("launch_refused", "WARNING"),
+    ("recovered", "WARNING"),
+)
+KILL_REASONS = ("memory_limit", "timeout", "oom_killed")
 # From a fast kill (tens of ms) to a stubborn tree that waits out a long grace period.
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+# generate_latest writes the classic text format; every name here is valid in it.
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 MAX_HEAD_BYTES = 16 * 1024
 HEAD_TIMEOUT_S = 5.0
 MAX_CONNECTIONS = 16
@@ -62,28 +73,34 @@ class StatsSource(Protocol):
 
 
 class Metrics:
-    """The daemon's metrics in a registry of their own (not the process-global default)."""
+    """The daemon's metrics in a registry of their own (not the process-global default).
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    Memory is exposed in bytes, Prometheus's base unit (Grafana scales it to MiB or GiB);
+    ``guide_names`` adds the guide's two series in MiB and agent count under its own names.
+    """
+
+    def __init__(
+        self, registry: CollectorRegistry | None = None, *, guide_names: bool = True
+    ) -> None:
         # `_created` series double every counter's output for nothing a dashboard uses.
-        disable_created_metrics()
+        disable_created_metrics()  # type: ignore[no-untyped-call]
         self.registry = registry or CollectorRegistry()
         r = self.registry
-        self.memory_mb = Gauge(
-            "claude_pm_subprocess_memory_mb",
-            "Memory of the agent's whole process tree, MiB",
+        self.memory = Gauge(
+            "claude_pm_subprocess_memory_bytes",
+            "Memory of the agent's whole process tree (RSS sum, or PSS near a threshold)",
             AGENT_LABELS,
             registry=r,
         )
-        self.peak_mb = Gauge(
-            "claude_pm_subprocess_peak_memory_mb",
-            "Highest memory of the agent's tree since launch, MiB",
+        self.peak = Gauge(
+            "claude_pm_subprocess_peak_memory_bytes",
+            "Highest memory of the agent's tree since launch",
             AGENT_LABELS,
             registry=r,
         )
-        self.limit_mb = Gauge(
-            "claude_pm_subprocess_limit_mb",
-            "The agent's thresholds, MiB (threshold: warning, critical, max)",
+        self.limit = Gauge(
+            "claude_pm_subprocess_limit_bytes",
+            "The agent's thresholds (threshold: warning, critical, max)",
             (*AGENT_LABELS, "threshold"),
             registry=r,
         )
@@ -99,17 +116,27 @@ class Metrics:
             AGENT_LABELS,
             registry=r,
         )
-        self.count = Gauge(
-            "claude_pm_subprocess_count", "Number of live agents", registry=r
-        )
-        self.available_mb = Gauge(
-            "claude_pm_system_memory_available_mb",
-            "System memory available for new allocations, MiB",
+        self.agents = Gauge("claude_pm_subprocesses", "Number of live agents", registry=r)
+        self.guide_memory: Gauge | None = None
+        self.guide_count: Gauge | None = None
+        if guide_names:
+            self.guide_memory = Gauge(
+                "claude_pm_subprocess_memory_mb",
+                "Subprocess memory usage in MB (the guide's name; MiB)",
+                AGENT_LABELS,
+                registry=r,
+            )
+            self.guide_count = Gauge(
+                "claude_pm_subprocess_count",
+                "Number of active subprocesses (the guide's name)",
+                registry=r,
+            )
+        self.available = Gauge(
+            "claude_pm_system_memory_available_bytes",
+            "System memory available for new allocations",
             registry=r,
         )
-        self.total_mb = Gauge(
-            "claude_pm_system_memory_total_mb", "System memory, MiB", registry=r
-        )
+        self.total = Gauge("claude_pm_system_memory_total_bytes", "System memory", registry=r)
         self.sample_s = Gauge(
             "claude_pm_sample_duration_seconds",
             "Duration of the last /proc scan of every agent's tree",
@@ -122,16 +149,22 @@ class Metrics:
         )
         self.alerts = Counter(
             "claude_pm_alerts",
-            "Alerts written to memory-alerts.log",
-            ("event", "level", "agent_type"),
+            "Alerts written to memory-alerts.log, by event and level",
+            ("event", "level"),
             registry=r,
         )
         self.kills = Counter(
             "claude_pm_kills",
-            "Agents the daemon ended for memory or time, by reason and the signal that ended them",
-            ("reason", "signal", "agent_type"),
+            "Agents the daemon ended for memory or time (reason: memory_limit, timeout, ...)",
+            ("reason",),
             registry=r,
         )
+        # Series that exist at 0 from the start: increase() cannot see a counter's first
+        # step from absent to 1, so an alert on "kills in the last hour" would miss it.
+        for event, level in KNOWN_ALERTS:
+            self.alerts.labels(event, level)
+        for reason in KILL_REASONS:
+            self.kills.labels(reason)
         self.launched = Counter(
             "claude_pm_agents_launched", "Agents launched", ("agent_type",), registry=r
         )
@@ -149,13 +182,12 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
-        Info("claude_pm_build", "Version of the daemon", registry=r).info(
-            {"version": __version__}
-        )
+        Info("claude_pm_build", "Version of the daemon", registry=r).info({"version": __version__})
         # The daemon's own CPU, memory and fds: a supervisor that leaks is worth a graph too.
         ProcessCollector(registry=r)
         # Per-agent label values in use, so an agent's series can be removed when it ends.
         self._agents: dict[str, str] = {}
+        self._signalled: set[str] = set()  # agents whose crossing latency is counted
 
     # -- events -----------------------------------------------------------------------------
 
@@ -166,20 +198,23 @@ class Metrics:
         if kind == "launch":
             self.launched.labels(agent_type).inc()
         elif kind == "alert":
-            self.alerts.labels(str(event.get("event")), str(event.get("level")), agent_type).inc()
-            crossed = event.get("crossed_to_term_s")
-            if event.get("event") == "sigterm_sent" and _is_number(crossed):
-                self.latency.labels("crossed_to_term").observe(float(crossed))
+            self.alerts.labels(str(event.get("event")), str(event.get("level"))).inc()
+            # The first signal carries it: SIGTERM, or SIGKILL when term_grace_s is 0. A
+            # SIGKILL after the grace repeats the same figure and must not count twice.
+            crossed = _number(event.get("crossed_to_term_s"))
+            sid = str(event.get("subprocess_id"))
+            if crossed is not None and sid not in self._signalled:
+                self._signalled.add(sid)
+                self.latency.labels("crossed_to_term").observe(crossed)
         elif kind == "exit":
             reason = str(event.get("reason"))
             self.finished.labels(reason, agent_type).inc()
             stats = event.get("memory_stats")
             if isinstance(stats, Mapping) and stats.get("aborted"):
-                signal = event.get("signal")
-                self.kills.labels(reason, str(signal) if signal else "none", agent_type).inc()
-            gone = event.get("term_to_gone_s")
-            if _is_number(gone):
-                self.latency.labels("term_to_gone").observe(float(gone))
+                self.kills.labels(reason).inc()
+            gone = _number(event.get("term_to_gone_s"))
+            if gone is not None:
+                self.latency.labels("term_to_gone").observe(gone)
             self._forget(str(event.get("subprocess_id")))
 
     # -- gauges -----------------------------------------------------------------------------
@@ -200,23 +235,27 @@ class Metrics:
                 self._forget(sid)
             self._agents[sid] = agent_type
             seen.add(sid)
-            self.memory_mb.labels(sid, agent_type).set(float(agent["current_mb"]))
-            self.peak_mb.labels(sid, agent_type).set(float(agent["peak_mb"]))
+            current_mb = float(agent["current_mb"])
+            self.memory.labels(sid, agent_type).set(current_mb * MIB)
+            if self.guide_memory is not None:
+                self.guide_memory.labels(sid, agent_type).set(current_mb)
+            self.peak.labels(sid, agent_type).set(float(agent["peak_mb"]) * MIB)
             self.level.labels(sid, agent_type).set(LEVELS.get(str(agent.get("level")), 0))
             self.processes.labels(sid, agent_type).set(
                 int(agent.get("process_count", len(agent.get("tree_pids", ()))))
             )
             limits = agent.get("limits") or {}
             for key in THRESHOLDS:
-                if _is_number(limits.get(key)):
-                    self.limit_mb.labels(sid, agent_type, key.removesuffix("_mb")).set(
-                        float(limits[key])
-                    )
+                value = _number(limits.get(key))
+                if value is not None:
+                    self.limit.labels(sid, agent_type, key.removesuffix("_mb")).set(value * MIB)
         for sid in set(self._agents) - seen:
             self._forget(sid)
-        self.count.set(len(seen))
-        self.available_mb.set(system.available_mb)
-        self.total_mb.set(system.total_mb)
+        self.agents.set(len(seen))
+        if self.guide_count is not None:
+            self.guide_count.set(len(seen))
+        self.available.set(system.available_mb * MIB)
+        self.total.set(system.total_mb * MIB)
         self.monitoring.set(1 if monitoring else 0)
         if sample_s is not None:
             self.sample_s.set(sample_s)
@@ -225,28 +264,34 @@ class Metrics:
         return generate_latest(self.registry)
 
     def _forget(self, sid: str) -> None:
+        self._signalled.discard(sid)
         agent_type = self._agents.pop(sid, None)
         if agent_type is None:
             return
-        for gauge in (self.memory_mb, self.peak_mb, self.level, self.processes):
+        gauges = [self.memory, self.peak, self.level, self.processes]
+        if self.guide_memory is not None:
+            gauges.append(self.guide_memory)
+        for gauge in gauges:
             with suppress(KeyError):
                 gauge.remove(sid, agent_type)
         for key in THRESHOLDS:
             with suppress(KeyError):
-                self.limit_mb.remove(sid, agent_type, key.removesuffix("_mb"))
+                self.limit.remove(sid, agent_type, key.removesuffix("_mb"))
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
+def _number(value: Any) -> float | None:
+    """The value as a float when it is a number (the lead's optional event fields may be absent)."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    return None
 
 
 def refresh_from(metrics: Metrics, source: StatsSource) -> None:
     """Snapshot the supervisor into the gauges; call on the event loop, never from a thread."""
-    sample_s = getattr(source, "last_sample_s", None)
     metrics.refresh(
         source.stats(),
         system_memory(),
-        sample_s=float(sample_s) if _is_number(sample_s) else None,
+        sample_s=_number(getattr(source, "last_sample_s", None)),
         monitoring=source.config.limits.enabled,
     )
 
@@ -275,6 +320,7 @@ class MetricsServer:
         self.metrics = metrics
         self.source = source
         self.settings = settings
+        self.head_timeout_s = HEAD_TIMEOUT_S
         self._connections = anyio.Semaphore(MAX_CONNECTIONS)
         self._render_limiter = anyio.CapacityLimiter(1)
         self.address: tuple[str, int] | None = None
@@ -297,7 +343,7 @@ class MetricsServer:
         async with listener:
             bound_port = port
             for one in listener.listeners:
-                bound_port = one.extra(SocketAttribute.local_address)[1]
+                bound_port = int(one.extra(SocketAttribute.local_address)[1])
             self.address = (host, bound_port)
             log.info("metrics_listening", host=host, port=bound_port, path="/metrics")
             task_status.started(self.address)
@@ -309,13 +355,19 @@ class MetricsServer:
                 # Over the cap: close at once rather than queue, so scrapes cannot pile up.
                 return
             async with self._connections:
-                with suppress(anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+                try:
                     await self._respond(stream)
+                except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+                    pass  # The scraper went away mid-answer; nothing to tell it.
+                except Exception:
+                    # This task runs in the daemon's task group: a bug here must cost one
+                    # scrape, never the enforcement beside it.
+                    log.exception("metrics_request_failed")
 
     async def _respond(self, stream: SocketStream) -> None:
         buffered = BufferedByteReceiveStream(stream)
         try:
-            with anyio.fail_after(HEAD_TIMEOUT_S):
+            with anyio.fail_after(self.head_timeout_s):
                 head = await buffered.receive_until(b"\r\n\r\n", MAX_HEAD_BYTES)
         except (TimeoutError, anyio.IncompleteRead, anyio.DelimiterNotFound, anyio.EndOfStream):
             return
@@ -331,10 +383,8 @@ class MetricsServer:
             return
         if path == "/metrics":
             refresh_from(self.metrics, self.source)
-            body = await anyio.to_thread.run_sync(
-                self.metrics.render, limiter=self._render_limiter
-            )
-            await _send(stream, 200, body, CONTENT_TYPE_LATEST, head_only=method == "HEAD")
+            body = await anyio.to_thread.run_sync(self.metrics.render, limiter=self._render_limiter)
+            await _send(stream, 200, body, CONTENT_TYPE, head_only=method == "HEAD")
         elif path == "/":
             page = b"claude-pm-supervisord: metrics at /metrics\n"
             await _send(stream, 200, page, head_only=method == "HEAD")
@@ -364,8 +414,6 @@ async def _send(
     await stream.send(("\r\n".join(headers) + "\r\n\r\n").encode("latin-1"))
     if not head_only:
         await stream.send(body)
-    with suppress(OSError):
-        stream.extra(SocketAttribute.raw_socket).shutdown(socket.SHUT_WR)
 
 
 async def serve(
@@ -375,7 +423,7 @@ async def serve(
     task_status: TaskStatus[tuple[str, int]] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """The daemon's metrics: follow the bus, serve scrapes; reports the bound address."""
-    metrics = Metrics()
+    metrics = Metrics(guide_names=settings.guide_names)
     server = MetricsServer(metrics, source, settings)
     async with anyio.create_task_group() as tg:
         await tg.start(follow, metrics, source.bus)

@@ -1,0 +1,665 @@
+"""Prometheus metrics: the registry, the HTTP endpoint, promtool, and a real Prometheus."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import signal
+import socket
+import subprocess
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from supervisord.bus import Broadcaster
+from supervisord.config import Config, MetricsSettings, load_config
+from supervisord.errors import ConfigError
+from supervisord.home import Home
+from supervisord.metrics import Metrics, MetricsServer, follow
+from supervisord.sysmem import SystemMemory
+from tests.conftest import DaemonProcess, Events, simagent, write_config
+
+pytestmark = pytest.mark.anyio
+ROOT = Path(__file__).resolve().parent.parent
+RULES = ROOT / "config" / "prometheus-rules.yml"
+DASHBOARD = ROOT / "config" / "grafana-dashboard.json"
+MIB = 1024 * 1024
+SYSTEM = SystemMemory(
+    total_mb=16000.0, available_mb=9000.0, used_mb=7000.0, percent=43.8, free_mb=1
+)
+GUIDE_LINT = {
+    "claude_pm_subprocess_memory_mb": "abbreviated units",
+    "claude_pm_subprocess_count": '"_count" suffix',
+}
+needs_prometheus = pytest.mark.skipif(
+    shutil.which("prometheus") is None or shutil.which("promtool") is None,
+    reason="Debian's prometheus package is not installed (.ci/run installs it)",
+)
+
+
+def agent(sid: str, mb: float, level: str = "OK", agent_type: str | None = None) -> dict[str, Any]:
+    return {
+        "subprocess_id": sid,
+        "agent_type": agent_type or sid.split("_")[0],
+        "current_mb": mb,
+        "peak_mb": mb + 5,
+        "level": level,
+        "process_count": 3,
+        "limits": {"warning_mb": 100.0, "critical_mb": 150.0, "max_mb": 200.0},
+    }
+
+
+def samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def value(text: str, name: str, **labels: str) -> float | None:
+    return samples(text).get((name, frozenset(labels.items())))
+
+
+def names_with_label(text: str, label: str, value_: str) -> set[str]:
+    return {name for name, labels in samples(text) if (label, value_) in labels}
+
+
+@dataclass
+class FakeSupervisor:
+    """What the metrics read of a supervisor, with agents a test sets."""
+
+    bus: Broadcaster = field(default_factory=Broadcaster)
+    config: Config = field(default_factory=Config)
+    agents: list[dict[str, Any]] = field(default_factory=list)
+    last_sample_s: float = 0.004
+
+    def stats(self) -> list[dict[str, Any]]:
+        return list(self.agents)
+
+
+# -- the registry ------------------------------------------------------------------------------
+
+
+async def test_bus_events_drive_counters_and_the_latency_histogram() -> None:
+    metrics = Metrics()
+    bus = Broadcaster()
+    sid = "hog_0123456789ab"
+    async with anyio.create_task_group() as tg:
+        await tg.start(follow, metrics, bus)
+        bus.publish({"type": "launch", "subprocess_id": sid, "agent_type": "hog"})
+        for event, level in (("memory_warning", "WARNING"), ("memory_critical", "CRITICAL")):
+            bus.publish({"type": "alert", "event": event, "level": level, "agent_type": "hog"})
+        signal_alert = {
+            "type": "alert",
+            "level": "CRITICAL",
+            "subprocess_id": sid,
+            "agent_type": "hog",
+            "crossed_to_term_s": 0.04,
+        }
+        bus.publish({**signal_alert, "event": "sigterm_sent"})
+        bus.publish({**signal_alert, "event": "sigkill_sent"})  # after the grace: same figure
+        exit_event = {
+            "type": "exit",
+            "subprocess_id": sid,
+            "agent_type": "hog",
+            "reason": "memory_limit",
+            "signal": "SIGTERM",
+            "memory_stats": {"aborted": True},
+            "term_to_gone_s": 0.3,
+        }
+        bus.publish(exit_event)
+        # With term_grace_s = 0 the first signal is SIGKILL, and it carries the crossing time.
+        bus.publish(
+            {
+                **signal_alert,
+                "event": "sigkill_sent",
+                "subprocess_id": "k_1",
+                "crossed_to_term_s": 0.2,
+            }
+        )
+        # An agent that ended on its own: counted as finished, never as a kill; no latency.
+        ended = {k: v for k, v in exit_event.items() if k != "term_to_gone_s"}
+        bus.publish({**ended, "reason": "exited", "memory_stats": {"aborted": False}})
+        with anyio.fail_after(5):
+            while (
+                value(
+                    metrics.render().decode(),
+                    "claude_pm_agents_finished_total",
+                    reason="exited",
+                    agent_type="hog",
+                )
+                != 1
+            ):
+                await anyio.sleep(0.01)
+        tg.cancel_scope.cancel()
+    text = metrics.render().decode()
+    hist = "claude_pm_escalation_latency_seconds"
+    assert value(text, f"{hist}_count", phase="crossed_to_term") == 2
+    assert value(text, f"{hist}_sum", phase="crossed_to_term") == pytest.approx(0.24)
+    assert value(text, f"{hist}_bucket", phase="crossed_to_term", le="0.05") == 1
+    assert value(text, f"{hist}_bucket", phase="crossed_to_term", le="0.25") == 2
+    assert value(text, f"{hist}_bucket", phase="crossed_to_term", le="0.025") == 0
+    assert value(text, f"{hist}_count", phase="term_to_gone") == 1
+    assert value(text, f"{hist}_bucket", phase="term_to_gone", le="0.25") == 0
+    assert value(text, f"{hist}_bucket", phase="term_to_gone", le="0.5") == 1
+    assert value(text, "claude_pm_kills_total", reason="memory_limit") == 1
+    assert value(text, "claude_pm_kills_total", reason="timeout") == 0  # present from the start
+    assert value(text, "claude_pm_alerts_total", event="sigterm_sent", level="CRITICAL") == 1
+    assert value(text, "claude_pm_alerts_total", event="memory_warning", level="WARNING") == 1
+    assert value(text, "claude_pm_agents_launched_total", agent_type="hog") == 1
+    assert (
+        value(text, "claude_pm_agents_finished_total", reason="memory_limit", agent_type="hog") == 1
+    )
+
+
+def test_an_ended_agents_series_are_removed() -> None:
+    metrics = Metrics()
+    metrics.refresh([], SYSTEM)
+    baseline = metrics.render().decode()
+    a, b = agent("eng_aaaaaaaaaaaa", 42.5, "WARNING"), agent("qa_bbbbbbbbbbbb", 10.0)
+    metrics.refresh([a, b], SYSTEM, sample_s=0.003)
+    text = metrics.render().decode()
+    labels = {"subprocess_id": "eng_aaaaaaaaaaaa", "agent_type": "eng"}
+    assert value(text, "claude_pm_subprocess_memory_bytes", **labels) == 42.5 * MIB
+    assert value(text, "claude_pm_subprocess_memory_mb", **labels) == 42.5
+    assert value(text, "claude_pm_subprocess_peak_memory_bytes", **labels) == 47.5 * MIB
+    assert value(text, "claude_pm_subprocess_limit_bytes", threshold="max", **labels) == 200 * MIB
+    assert value(text, "claude_pm_subprocess_level", **labels) == 1
+    assert value(text, "claude_pm_subprocess_processes", **labels) == 3
+    assert value(text, "claude_pm_subprocesses") == 2
+    assert value(text, "claude_pm_subprocess_count") == 2
+    assert value(text, "claude_pm_system_memory_available_bytes") == 9000 * MIB
+    assert value(text, "claude_pm_sample_duration_seconds") == 0.003
+
+    # An exit event removes the agent at once; a snapshot without it does too.
+    metrics.observe({"type": "exit", "subprocess_id": a["subprocess_id"], "agent_type": "eng"})
+    text = metrics.render().decode()
+    assert names_with_label(text, "subprocess_id", a["subprocess_id"]) == set()
+    assert names_with_label(text, "subprocess_id", b["subprocess_id"])
+    metrics.refresh([], SYSTEM)
+    assert names_with_label(metrics.render().decode(), "subprocess_id", b["subprocess_id"]) == set()
+
+    # Many agents later, the exposition is no longer: no label grows with every agent.
+    sizes = []
+    for n in range(300):
+        sid = f"churn_{n:012x}"
+        metrics.refresh([agent(sid, float(n))], SYSTEM)
+        metrics.observe(
+            {
+                "type": "exit",
+                "subprocess_id": sid,
+                "agent_type": "churn",
+                "reason": "exited",
+                "memory_stats": {"aborted": False},
+            }
+        )
+        sizes.append(len(metrics.render().splitlines()))
+    assert len(set(sizes)) == 1
+    after = metrics.render().decode()
+    assert [line for line in after.splitlines() if "subprocess_id=" in line] == []
+    assert len(after.splitlines()) > len(baseline.splitlines())  # eng/churn counters now exist
+
+    # Without the guide's names only base-unit series remain.
+    plain = Metrics(guide_names=False)
+    plain.refresh([a], SYSTEM)
+    names = {name for name, _ in samples(plain.render().decode())}
+    assert "claude_pm_subprocess_memory_bytes" in names
+    assert not names & set(GUIDE_LINT)
+
+
+# -- the HTTP endpoint -------------------------------------------------------------------------
+
+
+@asynccontextmanager
+async def metrics_server(source: FakeSupervisor) -> AsyncIterator[MetricsServer]:
+    server = MetricsServer(Metrics(), source, MetricsSettings(listen="127.0.0.1:0"))
+    server.head_timeout_s = 1.0
+    async with anyio.create_task_group() as tg:
+        await tg.start(server.serve)
+        yield server
+        tg.cancel_scope.cancel()
+
+
+async def test_http_endpoint_serves_fresh_values_and_refuses_the_rest() -> None:
+    source = FakeSupervisor(agents=[agent("eng_aaaaaaaaaaaa", 12.0)])
+    async with metrics_server(source) as server, httpx.AsyncClient() as http:
+        assert server.address is not None
+        base = f"http://127.0.0.1:{server.address[1]}"
+        # A client that starts a request and never finishes it must not hold up a scrape.
+        stalled = await anyio.connect_tcp("127.0.0.1", server.address[1])
+        await stalled.send(b"GET /metrics HTTP/1.1\r\n")
+        with anyio.fail_after(5):
+            response = await http.get(f"{base}/metrics")
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/plain; version=0.0.4")
+        assert (
+            value(
+                response.text,
+                "claude_pm_subprocess_memory_mb",
+                subprocess_id="eng_aaaaaaaaaaaa",
+                agent_type="eng",
+            )
+            == 12.0
+        )
+        source.agents = [agent("eng_aaaaaaaaaaaa", 30.0)]  # read at scrape time, not cached
+        response = await http.get(f"{base}/metrics?x=1")
+        assert (
+            value(
+                response.text,
+                "claude_pm_subprocess_memory_mb",
+                subprocess_id="eng_aaaaaaaaaaaa",
+                agent_type="eng",
+            )
+            == 30.0
+        )
+        head = await http.head(f"{base}/metrics")
+        assert head.status_code == 200
+        assert head.content == b""
+        assert (await http.get(f"{base}/")).status_code == 200
+        assert (await http.get(f"{base}/nope")).status_code == 404
+        assert (await http.post(f"{base}/metrics")).status_code == 405
+        # The stalled client is dropped after head_timeout_s, without an answer.
+        with anyio.fail_after(5), pytest.raises(anyio.EndOfStream):
+            await stalled.receive()
+        await stalled.aclose()
+
+
+async def test_an_address_in_use_fails_naming_the_key() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        settings = MetricsSettings(listen=f"127.0.0.1:{port}")
+        server = MetricsServer(Metrics(), FakeSupervisor(), settings)
+        with pytest.raises(ConfigError, match=rf"metrics\.listen = '127\.0\.0\.1:{port}'"):
+            await server.serve()
+
+
+def test_metrics_config_is_validated(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text('[metrics]\nlisten = "[::1]:9464"\nguide_names = false\n')
+    config = load_config(path, {})
+    assert config.metrics.address == ("::1", 9464)
+    assert config.metrics.guide_names is False
+    assert load_config(None, {}).metrics.listen is None  # off by default
+    for text, match in (
+        ('listen = "9464"', r"metrics\.listen = '9464' is not allowed; give \"host:port\""),
+        ('listen = "localhost:99999"', r"metrics\.listen = 'localhost:99999'"),
+        ("listen = 9464", r"metrics\.listen = 9464"),
+        ('port = "1"', r"\[metrics\]: unknown key 'port'; allowed: guide_names, listen"),
+        ('guide_names = "yes"', r"metrics\.guide_names = 'yes' is not allowed; give true or false"),
+    ):
+        path.write_text(f"[metrics]\n{text}\n")
+        with pytest.raises(ConfigError, match=match):
+            load_config(path, {})
+
+
+# -- promtool ----------------------------------------------------------------------------------
+
+
+def promtool(*args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["promtool", *args],
+        input=stdin.decode() if stdin is not None else None,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+
+
+def busy_metrics(*, guide_names: bool) -> Metrics:
+    metrics = Metrics(guide_names=guide_names)
+    metrics.refresh([agent("eng_aaaaaaaaaaaa", 12.0), agent("qa_bbbbbbbbbbbb", 99.0)], SYSTEM)
+    metrics.observe({"type": "launch", "agent_type": "eng"})
+    metrics.observe(
+        {"type": "alert", "event": "sigterm_sent", "level": "CRITICAL", "crossed_to_term_s": 0.1}
+    )
+    metrics.observe(
+        {
+            "type": "exit",
+            "subprocess_id": "x",
+            "agent_type": "eng",
+            "reason": "timeout",
+            "memory_stats": {"aborted": True},
+            "term_to_gone_s": 1.0,
+        }
+    )
+    return metrics
+
+
+@needs_prometheus
+def test_promtool_check_metrics_passes_on_the_exposition() -> None:
+    result = promtool("check", "metrics", stdin=busy_metrics(guide_names=False).render())
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout + result.stderr == ""
+    # The guide's two names are served by default for its users; promtool's linter objects
+    # to exactly those two (the exposition parses: exit 3 is "lint problems", 1 a failure).
+    result = promtool("check", "metrics", stdin=busy_metrics(guide_names=True).render())
+    assert result.returncode == 3, result.stdout + result.stderr
+    problems = [line for line in (result.stdout + result.stderr).splitlines() if line.strip()]
+    assert len(problems) == len(GUIDE_LINT), problems
+    for name, why in GUIDE_LINT.items():
+        assert any(p.startswith(name + " ") and why in p for p in problems), problems
+
+
+def series(name: str, values: str, **labels: str) -> dict[str, str]:
+    selector = ",".join(f'{k}="{v}"' for k, v in {"job": "claude-pm", **labels}.items())
+    return {"series": f"{name}{{{selector}}}", "values": values}
+
+
+def alert(eval_time: str, name: str, *expected: tuple[dict[str, str], dict[str, str]]) -> Any:
+    return {
+        "eval_time": eval_time,
+        "alertname": name,
+        "exp_alerts": [
+            {"exp_labels": labels, "exp_annotations": notes} for labels, notes in expected
+        ],
+    }
+
+
+H1, H2 = "h1:9464", "h2:9464"
+ENG = {"instance": H1, "subprocess_id": "eng_1", "agent_type": "eng"}
+QA = {"instance": H1, "subprocess_id": "qa_2", "agent_type": "qa"}
+# promtool's unit tests of the rules: synthetic series at one-minute steps, expected alerts.
+RULES_TESTS = {
+    "evaluation_interval": "1m",
+    "tests": [
+        {
+            "interval": "1m",
+            "input_series": [
+                series("claude_pm_subprocess_memory_bytes", "100 950 960 970 980 990", **ENG),
+                series("claude_pm_subprocess_memory_bytes", "100x5", **QA),
+                series("claude_pm_subprocess_limit_bytes", "1000x5", threshold="max", **ENG),
+                series("claude_pm_subprocess_limit_bytes", "1000x5", threshold="max", **QA),
+                series("claude_pm_kills_total", "0 0 1 1 1 1", instance=H1, reason="memory_limit"),
+                series("claude_pm_kills_total", "0x5", instance=H2, reason="memory_limit"),
+                series("up", "1x5", instance=H1),
+                series("up", "1 1 0 0 0 0", instance=H2),
+                series("claude_pm_system_memory_available_bytes", "5000x10", instance=H1),
+                series("claude_pm_system_memory_total_bytes", "10000x10", instance=H1),
+            ],
+            "alert_rule_test": [
+                alert(
+                    "3m",
+                    "ClaudePMAgentNearLimit",
+                    (
+                        {"severity": "warning", "job": "claude-pm", **ENG},
+                        {
+                            "summary": "Agent eng_1 on h1:9464 is near its memory limit",
+                            "description": "eng agent eng_1 has used 97% of its max_mb for a "
+                            "minute; the daemon will SIGTERM its whole tree when it reaches 100%.",
+                        },
+                    ),
+                ),
+                alert(
+                    "3m",
+                    "ClaudePMAgentsKilled",
+                    (
+                        {
+                            "severity": "warning",
+                            "job": "claude-pm",
+                            "instance": H1,
+                            "reason": "memory_limit",
+                        },
+                        {
+                            "summary": "1 agent(s) killed on h1:9464 in the last hour "
+                            "(memory_limit)",
+                            "description": "The daemon ended agents for memory_limit. "
+                            "`claude-pm report health` and `claude-pm events` on that host "
+                            "tell which, and `claude-pm report thresholds` suggests limits.",
+                        },
+                    ),
+                ),
+                alert("1m", "ClaudePMDaemonDown"),
+                alert(
+                    "4m",
+                    "ClaudePMDaemonDown",
+                    (
+                        {"severity": "critical", "job": "claude-pm", "instance": H2},
+                        {
+                            "summary": "claude-pm daemon on h2:9464 is not answering scrapes",
+                            "description": "While the daemon is down its agents run unwatched "
+                            "(they keep running; a restarted daemon re-adopts them). Check "
+                            "`systemctl status claude-pm-supervisord` there.",
+                        },
+                    ),
+                ),
+                alert("4m", "ClaudePMSystemMemoryLow"),  # 50% available: nothing to say
+            ],
+        }
+    ],
+}
+
+
+@needs_prometheus
+def test_rules_file_passes_promtool_and_its_alerts_fire(tmp_path: Path) -> None:
+    result = promtool("check", "rules", str(RULES))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SUCCESS" in result.stdout
+    tests = tmp_path / "rules-test.yml"
+    # JSON is YAML: the test file is written from the dict above.
+    tests.write_text(json.dumps({"rule_files": [str(RULES)], **RULES_TESTS}, indent=1))
+    result = promtool("test", "rules", str(tests))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def dashboard_queries() -> list[str]:
+    dashboard = json.loads(DASHBOARD.read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    exprs += [a["expr"] for a in dashboard["annotations"]["list"]]
+    return exprs
+
+
+def test_dashboard_uses_only_metrics_the_daemon_serves() -> None:
+    text = busy_metrics(guide_names=False).render().decode()
+    served = {family.name for family in text_string_to_metric_families(text)}
+    served |= {s.name for family in text_string_to_metric_families(text) for s in family.samples}
+    used = set()
+    for expr in dashboard_queries():
+        used |= set(re.findall(r"\b(?:claude_pm|process)_[a-z_]+\b", expr))
+    assert used, "the dashboard has queries"
+    assert used <= served, used - served
+
+
+# -- a real Prometheus -------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def metrics_port(home: Home, timeout_s: float = 10.0) -> int:
+    """The port the daemon bound for ``listen = "127.0.0.1:0"``, from its own log."""
+    with anyio.fail_after(timeout_s):
+        while True:
+            if home.daemon_log.exists():
+                for line in home.daemon_log.read_text().splitlines():
+                    record = json.loads(line)
+                    if record.get("event") == "metrics_listening":
+                        return int(record["port"])
+            await anyio.sleep(0.05)
+
+
+class Prometheus:
+    """Debian's prometheus on a loopback port, scraping one target every second."""
+
+    def __init__(self, workdir: Path, target_port: int) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = workdir / "prometheus.yml"
+        config.write_text(
+            "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
+            f"rule_files: [{json.dumps(str(RULES))}]\n"
+            "scrape_configs:\n"
+            "  - job_name: claude-pm\n"
+            f"    static_configs: [{{targets: ['127.0.0.1:{target_port}']}}]\n"
+        )
+        self.log = open(workdir / "prometheus.log", "wb")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [
+                "prometheus",
+                f"--config.file={config}",
+                f"--storage.tsdb.path={workdir / 'data'}",
+                f"--web.listen-address=127.0.0.1:{self.port}",
+                "--log.level=warn",
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
+
+    async def wait_ready(self, http: httpx.AsyncClient, timeout_s: float = 30.0) -> None:
+        with anyio.fail_after(timeout_s):
+            while True:
+                assert self.proc.poll() is None, "prometheus exited; see prometheus.log"
+                try:
+                    if (await http.get(f"{self.url}/-/ready")).status_code == 200:
+                        return
+                except httpx.TransportError:
+                    pass
+                await anyio.sleep(0.1)
+
+    async def query(self, http: httpx.AsyncClient, promql: str) -> list[dict[str, Any]]:
+        response = await http.get(f"{self.url}/api/v1/query", params={"query": promql})
+        body = response.json()
+        assert body["status"] == "success", (promql, body)
+        result: list[dict[str, Any]] = body["data"]["result"]
+        return result
+
+    async def wait_for(
+        self, http: httpx.AsyncClient, promql: str, timeout_s: float = 15.0, empty: bool = False
+    ) -> list[dict[str, Any]]:
+        with anyio.fail_after(timeout_s):
+            while True:
+                result = await self.query(http, promql)
+                if bool(result) != empty:
+                    return result
+                await anyio.sleep(0.2)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self.log.close()
+
+
+@needs_prometheus
+async def test_prometheus_scrapes_the_daemon(home: Home, short_tmp: Path) -> None:
+    write_config(home, metrics={"listen": "127.0.0.1:0"})
+    daemon = DaemonProcess(home).start()
+    prometheus: Prometheus | None = None
+    try:
+        port = await metrics_port(home)
+        prometheus = Prometheus(short_tmp, port)
+        async with (
+            httpx.AsyncClient(timeout=10) as http,
+            daemon.async_client() as client,
+            daemon.async_client() as sub,
+        ):
+            events = await Events(sub).start()
+            await prometheus.wait_ready(http)
+            steady = (await client.launch("steady", simagent("--hold-mb", "40")))["subprocess_id"]
+            selector = f'{{subprocess_id="{steady}"}}'
+            (series,) = await prometheus.wait_for(http, f"claude_pm_subprocess_memory_mb{selector}")
+            assert series["metric"]["agent_type"] == "steady"
+            assert series["metric"]["job"] == "claude-pm"
+            current = (await client.stats(steady))["current_mb"]
+            assert float(series["value"][1]) == pytest.approx(current, abs=15)
+            (bytes_series,) = await prometheus.wait_for(
+                http, f"claude_pm_subprocess_memory_bytes{selector}"
+            )
+            assert float(bytes_series["value"][1]) == pytest.approx(current * MIB, rel=0.5)
+            (up,) = await prometheus.query(http, 'up{job="claude-pm"}')
+            assert up["value"][1] == "1"
+            (scan,) = await prometheus.query(http, "claude_pm_sample_duration_seconds")
+            assert 0 < float(scan["value"][1]) < 1.0
+
+            # A hog killed at max_mb: the kill is counted, and its series end with it.
+            hog = (
+                await client.launch(
+                    "hog", simagent("--hold-mb", "10", "--rate", "150", "--cap", "280")
+                )
+            )["subprocess_id"]
+            term = await events.next_matching(
+                20, type="alert", subprocess_id=hog, event="sigterm_sent"
+            )
+            record = await events.exit_of(hog)
+            assert record["reason"] == "memory_limit"
+            (kills,) = await prometheus.wait_for(
+                http, 'claude_pm_kills_total{reason="memory_limit"} > 0'
+            )
+            assert kills["value"][1] == "1"
+            await prometheus.wait_for(
+                http, f'claude_pm_subprocess_memory_bytes{{subprocess_id="{hog}"}}', empty=True
+            )
+            exposition = (await http.get(f"http://127.0.0.1:{port}/metrics")).text
+            assert hog not in exposition
+            assert steady in exposition
+            # The kill's latencies, as the supervisor measured them, reach the histogram.
+            for phase, seconds in (
+                ("crossed_to_term", term["crossed_to_term_s"]),
+                ("term_to_gone", record["term_to_gone_s"]),
+            ):
+                hist = "claude_pm_escalation_latency_seconds"
+                (total,) = await prometheus.wait_for(http, f'{hist}_sum{{phase="{phase}"}} > 0')
+                assert float(total["value"][1]) == pytest.approx(seconds, abs=1e-6)
+                (count,) = await prometheus.query(http, f'{hist}_count{{phase="{phase}"}}')
+                assert count["value"][1] == "1"
+
+            # The rules file loads into a real Prometheus, and every dashboard query parses.
+            rules = (await http.get(f"{prometheus.url}/api/v1/rules")).json()["data"]["groups"]
+            assert {r["name"] for g in rules for r in g["rules"]} >= {
+                "ClaudePMAgentNearLimit",
+                "ClaudePMAgentsKilled",
+                "ClaudePMDaemonDown",
+            }
+            assert all(r["health"] != "err" for g in rules for r in g["rules"])
+            for expr in dashboard_queries():
+                grafana = {"$instance": ".*", "$agent_type": ".*", "$__rate_interval": "1m"}
+                for variable, replacement in grafana.items():
+                    expr = expr.replace(variable, replacement)
+                await prometheus.query(http, expr)
+
+            # promtool on what the daemon serves with an agent running.
+            result = promtool("check", "metrics", stdin=exposition.encode())
+            problems = [p for p in (result.stdout + result.stderr).splitlines() if p.strip()]
+            assert {p.split()[0] for p in problems} <= set(GUIDE_LINT), problems
+            assert result.returncode in (0, 3), problems
+    finally:
+        if prometheus is not None:
+            prometheus.stop()
+        daemon.close()
+
+
+def test_term_fields_default_when_absent() -> None:
+    """Events without the lead's timing fields leave the histogram empty, not broken."""
+    metrics = Metrics()
+    metrics.observe({"type": "alert", "event": "sigterm_sent", "level": "CRITICAL"})
+    metrics.observe(
+        {
+            "type": "exit",
+            "subprocess_id": "a",
+            "reason": "memory_limit",
+            "memory_stats": {"aborted": True},
+            "term_to_gone_s": "soon",
+        }
+    )
+    text = metrics.render().decode()
+    assert value(text, "claude_pm_escalation_latency_seconds_count", phase="term_to_gone") is None
+    assert value(text, "claude_pm_kills_total", reason="memory_limit") == 1

@@ -1,0 +1,212 @@
+"""``claude-pm top``: the pure layout, and the real thing in tmux reading a real daemon."""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import suppress
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+from rich.console import Console
+
+from supervisord.top import (
+    SPARKS,
+    AgentView,
+    TopModel,
+    growth_rate,
+    render,
+    sparkline,
+    time_to_limit,
+)
+from tests.conftest import DaemonProcess, simagent
+
+pytestmark = pytest.mark.anyio
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def stats(sid: str, mb: float, level: str = "OK", **kw: Any) -> dict[str, Any]:
+    return {
+        "subprocess_id": sid,
+        "agent_type": sid.split("_")[0],
+        "current_mb": mb,
+        "peak_mb": mb,
+        "level": level,
+        "status": level,
+        "process_count": 2,
+        "ending": None,
+        "limits": {"max_mb": 200.0},
+        **kw,
+    }
+
+
+def screen(model: TopModel, width: int = 80, height: int = 24) -> list[str]:
+    out = io.StringIO()
+    console = Console(file=out, width=width, height=height, color_system=None, legacy_windows=False)
+    console.print(render(model, width, height))
+    return out.getvalue().splitlines()
+
+
+def test_sparkline_and_time_to_limit() -> None:
+    assert sparkline([], 10) == ""
+    assert sparkline([5.0, 5.2, 5.1], 10) == SPARKS[0] * 3  # flat within noise
+    assert sparkline([0, 50, 100], 10) == SPARKS[0] + SPARKS[4] + SPARKS[-1]
+    assert sparkline(list(range(100)), 8) == sparkline(list(range(92, 100)), 8)
+    view = AgentView("eng_aaaaaaaaaaaa", "eng", max_mb=200.0, current_mb=100.0)
+    for t in range(10):
+        view.history.append((float(t), 10.0 + 10 * t))
+    assert growth_rate(view.history) == pytest.approx(10.0)
+    view.current_mb = 100.0
+    assert time_to_limit(view) == "10s"
+    view.history.clear()
+    view.history.extend((float(t), 50.0) for t in range(10))
+    assert time_to_limit(view) == "-"
+    view.current_mb = 250
+    assert time_to_limit(view) == "now"
+    view.ending = "stopped"
+    assert time_to_limit(view) == "ending"
+
+
+def test_screen_fits_80_columns_with_the_worst_agent_first() -> None:
+    model = TopModel(host="build-7")
+    model.apply_status(
+        {
+            "daemon": {"pid": 42, "uptime_s": 125},
+            "monitoring": "enabled",
+            "system_memory": {"total_mb": 16000, "available_mb": 6120.3, "percent": 61.5},
+        }
+    )
+    for t in range(30):
+        model.apply_stats(
+            [
+                stats("engineer_3f9a0c12b7de", 40.0 + 4 * t),
+                stats("code-reviewer_0123456789ab", 160.0, "CRITICAL"),
+            ],
+            now=float(t),
+        )
+    model.apply_event({"type": "alert", "subprocess_id": "x_1", "message": "WARNING: memory " * 9})
+    lines = screen(model)
+    assert all(len(line) <= 80 for line in lines), [len(line) for line in lines]
+    text = "\n".join(lines)
+    assert "build-7" in text
+    assert "61.5% used" in text
+    assert "6120 MB available of 16000 MB" in text
+    rows = [line for line in lines if re.match(r"\S+_[0-9a-f]{12} ", line)]
+    # CRITICAL first; the longer id is shown whole, and the columns line up after it.
+    assert rows[0].startswith("code-reviewer_0123456789ab code-rev… ")
+    assert "CRITICAL" in rows[0]
+    assert rows[1].startswith("engineer_3f9a0c12b7de      engineer ")
+    assert any(c in rows[1] for c in SPARKS[1:])
+    assert rows[1].endswith(" 11s")  # 156 MB, growing 4 MB/s, 200 MB limit
+    model.apply_event({"type": "exit", "subprocess_id": "engineer_3f9a0c12b7de",
+                       "reason": "stopped", "signal": "SIGTERM"})  # fmt: skip
+    assert "engineer_3f9a0c12b7de ended: stopped (SIGTERM)" in "\n".join(screen(model))
+    assert "engineer_3f9a0c12b7de" not in model.agents
+
+
+# -- the real thing ------------------------------------------------------------------------------
+
+
+class Tmux:
+    """A tmux server of our own (its own socket), one 80x24 session."""
+
+    def __init__(self, socket_path: Path, env: dict[str, str]) -> None:
+        self.socket_path = socket_path
+        self.env = env
+        self.pid: int | None = None
+
+    def run(self, *args: str) -> str:
+        result = subprocess.run(
+            ["tmux", "-S", str(self.socket_path), *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        )
+        return result.stdout
+
+    def start(self, command: str) -> None:
+        self.run("new-session", "-d", "-x", "80", "-y", "24", "-s", "top", command)
+        self.pid = int(self.run("display-message", "-p", "#{pid}").strip())
+
+    def screen(self) -> list[str]:
+        return self.run("capture-pane", "-p", "-t", "top").splitlines()
+
+    def stop(self) -> None:
+        with suppress(subprocess.SubprocessError, OSError):
+            self.run("kill-server")
+        if self.pid is not None:  # kill-server failed or hung: the server's own pid
+            with suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
+
+
+@pytest.fixture
+def tmux(short_tmp: Path) -> Iterator[Tmux]:
+    if shutil.which("tmux") is None:
+        pytest.skip("tmux is not installed (.ci/run installs it)")
+    env = {**os.environ, "LC_ALL": "C.UTF-8", "LANG": "C.UTF-8", "TERM": "xterm-256color"}
+    server = Tmux(short_tmp / "tmux.sock", env)
+    yield server
+    server.stop()
+
+
+async def wait_screen(tmux: Tmux, predicate: Any, timeout_s: float = 15.0) -> list[str]:
+    with anyio.fail_after(timeout_s):
+        while True:
+            lines = tmux.screen()
+            if predicate(lines):
+                return lines
+            await anyio.sleep(0.1)
+
+
+def row(lines: list[str], sid: str) -> str:
+    return next((line for line in lines if line.startswith(sid)), "")
+
+
+async def test_top_in_tmux_shows_two_agents_and_quits_on_q(
+    daemon: DaemonProcess, tmux: Tmux
+) -> None:
+    async with daemon.async_client() as client:
+        grower = simagent("--hold-mb", "30", "--rate", "4", "--cap", "120")
+        eng = (await client.launch("engineer", grower))["subprocess_id"]
+        qa = (await client.launch("qa-bot", simagent("--hold-mb", "115")))["subprocess_id"]
+        command = (
+            f"CLAUDE_PM_HOME={daemon.home.root} {sys.executable} -m supervisord top "
+            "--interval 0.3; echo top exited $?; sleep 60"
+        )
+        tmux.start(command)
+        lines = await wait_screen(tmux, lambda s: "WARNING" in row(s, qa) and "OK" in row(s, eng))
+        assert all(len(line) <= 80 for line in lines)
+        text = "\n".join(lines)
+        assert "SUBPROCESS_ID" in text
+        assert re.search(r"memory .*\d+\.\d% used", text)
+        assert re.search(r"agents 2 ", text)
+        assert re.match(rf"{qa} +qa-bot +1 +1\d\d\.\d +1\d\d\.\d WARNING ", row(lines, qa))
+        # The grower's sparkline rises and it gets an estimate of its time to 200 MB.
+        lines = await wait_screen(
+            tmux,
+            lambda s: (
+                any(c in row(s, eng) for c in SPARKS[2:])
+                and re.search(r" \d+[smh]$", row(s, eng)) is not None
+            ),
+        )
+        assert re.match(rf"{eng} +engineer ", row(lines, eng))
+
+        # An exit arrives through `subscribe`: the row goes, the event shows.
+        await client.stop(eng)
+        lines = await wait_screen(tmux, lambda s: f"{eng} ended: stopped" in "\n".join(s))
+        assert row(lines, eng) == ""
+        assert row(lines, qa)
+
+        tmux.run("send-keys", "-t", "top", "q")
+        await wait_screen(tmux, lambda s: any(line.startswith("top exited") for line in s), 10)
+        assert "top exited 0" in tmux.screen()
