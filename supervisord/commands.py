@@ -13,8 +13,9 @@ from supervisord.config import LIMIT_KEYS
 from supervisord.errors import PermissionDenied, UsageError
 from supervisord.events import EndReason
 from supervisord.launcher import Credentials
+from supervisord.launchplan import LaunchRequest
 from supervisord.protocol import PROTOCOL_VERSION, Request
-from supervisord.supervisor import LaunchRequest, Supervisor
+from supervisord.supervisor import Supervisor
 from supervisord.sysmem import system_memory
 
 

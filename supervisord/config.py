@@ -6,7 +6,6 @@ key, the value and what is allowed, so ``init`` and ``reload`` can refuse it who
 
 from __future__ import annotations
 
-import grp
 import os
 import re
 import tomllib
@@ -18,7 +17,19 @@ from typing import Any, Literal
 import tomli_w
 
 from supervisord.cgroup import CgroupSettings
+from supervisord.config_observe import AlertSettings, MetricsSettings, parse_alerts, parse_metrics
 from supervisord.errors import ConfigError
+from supervisord.validate import (
+    boolean,
+    group,
+    integer,
+    number,
+    positive,
+    reject_unknown,
+    string,
+    string_list,
+    table_of,
+)
 
 Metric = Literal["rss", "pss"]
 AGENT_TYPE_RE = re.compile(r"[a-z][a-z0-9-]*")
@@ -53,12 +64,12 @@ class Limits:
 
     def validated(self, where: str = "memory") -> Limits:
         for key in ("warning_mb", "critical_mb", "max_mb"):
-            _require_positive(f"{where}.{key}", getattr(self, key))
-        _require_positive(f"{where}.term_grace_s", self.term_grace_s, allow_zero=True)
+            positive(f"{where}.{key}", getattr(self, key))
+        positive(f"{where}.term_grace_s", self.term_grace_s, allow_zero=True)
         for key in ("timeout_s", "predict_s"):
             value = getattr(self, key)
             if value is not None:
-                _require_positive(f"{where}.{key}", value)
+                positive(f"{where}.{key}", value)
         if not self.warning_mb < self.critical_mb < self.max_mb:
             raise ConfigError(
                 f"{where}: thresholds must rise: warning_mb ({self.warning_mb:g}) < "
@@ -107,51 +118,6 @@ class AgentType:
 
 
 @dataclass(frozen=True, slots=True)
-class MetricsSettings:
-    """``[metrics]``: the Prometheus endpoint, off unless ``listen`` is set.
-
-    ``guide_names`` adds the guide's ``claude_pm_subprocess_memory_mb`` and
-    ``claude_pm_subprocess_count`` beside the base-unit series (promtool's linter flags those
-    two names: ``_mb`` is an abbreviated unit, ``_count`` a histogram suffix).
-    """
-
-    listen: str | None = None
-    guide_names: bool = True
-
-    @property
-    def address(self) -> tuple[str, int] | None:
-        return None if self.listen is None else split_listen("metrics.listen", self.listen)
-
-
-ALERT_LEVELS = ("WARNING", "CRITICAL")
-WEBHOOK_FORMATS = ("slack", "json")
-
-
-@dataclass(frozen=True, slots=True)
-class Webhook:
-    """One ``[[alerts.webhooks]]`` entry. Headers are pairs so the value stays hashable."""
-
-    url: str
-    name: str
-    min_level: str = "CRITICAL"
-    format: str = "slack"
-    timeout_s: float = 5.0
-    retries: int = 3
-    backoff_s: float = 1.0
-    headers: tuple[tuple[str, str], ...] = ()
-
-
-@dataclass(frozen=True, slots=True)
-class AlertSettings:
-    """``[alerts]``: webhooks, and how alerts of one agent are grouped and rate-limited."""
-
-    webhooks: tuple[Webhook, ...] = ()
-    group_wait_s: float = 2.0
-    rate_limit_s: float = 300.0
-    queue_size: int = 100
-
-
-@dataclass(frozen=True, slots=True)
 class Config:
     """The whole configuration in force."""
 
@@ -159,8 +125,8 @@ class Config:
     daemon: DaemonSettings = DaemonSettings()
     agents: Mapping[str, AgentType] = field(default_factory=dict)
     sources: tuple[str, ...] = ("defaults",)
-    metrics: MetricsSettings = MetricsSettings()
-    alerts: AlertSettings = AlertSettings()
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
+    alerts: AlertSettings = field(default_factory=AlertSettings)
     cgroup: CgroupSettings = field(default_factory=CgroupSettings)
 
     @property
@@ -237,15 +203,17 @@ AGENT_KEYS = frozenset({"command", "env", "cwd"}) | LIMIT_KEYS
 
 def parse_config(data: Mapping[str, Any]) -> Config:
     """Validate a parsed TOML document; unknown keys are errors (they are usually typos)."""
-    _reject_unknown("top level", data, SECTIONS, noun="section")
-    memory = _table(data, "memory")
-    _reject_unknown("[memory]", memory, MEMORY_KEYS)
+    reject_unknown("top level", data, SECTIONS, noun="section")
+    memory = table_of(data, "memory")
+    reject_unknown("[memory]", memory, MEMORY_KEYS)
     limits = _apply_limits(Limits(), memory, "memory").validated("memory")
-    daemon = _parse_daemon(_table(data, "daemon"), memory)
-    agents = {name: _parse_agent(name, section) for name, section in _table(data, "agents").items()}
-    metrics = _parse_metrics(_table(data, "metrics"))
-    alerts = _parse_alerts(_table(data, "alerts"))
-    cgroup = CgroupSettings.from_table(_table(data, "cgroup"))
+    daemon = _parse_daemon(table_of(data, "daemon"), memory)
+    agents = {
+        name: _parse_agent(name, section) for name, section in table_of(data, "agents").items()
+    }
+    metrics = parse_metrics(table_of(data, "metrics"))
+    alerts = parse_alerts(table_of(data, "alerts"))
+    cgroup = CgroupSettings.from_table(table_of(data, "cgroup"))
     return Config(
         limits=limits,
         daemon=daemon,
@@ -256,117 +224,24 @@ def parse_config(data: Mapping[str, Any]) -> Config:
     )
 
 
-METRICS_KEYS = frozenset({"listen", "guide_names"})
-ALERTS_KEYS = frozenset({"webhooks", "group_wait_s", "rate_limit_s", "queue_size"})
-WEBHOOK_KEYS = frozenset(
-    {"url", "name", "min_level", "format", "timeout_s", "retries", "backoff_s", "headers"}
-)
-
-
-def split_listen(name: str, value: Any) -> tuple[str, int]:
-    """``"host:port"`` (``"[::1]:9464"`` for IPv6) into its parts; port 0 picks a free one."""
-    example = 'give "host:port", e.g. "127.0.0.1:9464"'
-    if not isinstance(value, str):
-        raise ConfigError(f"{name} = {value!r} is not allowed; {example}")
-    host, sep, port_text = value.rpartition(":")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    if not sep or not host or not port_text.isdigit() or int(port_text) > 65535:
-        raise ConfigError(f"{name} = {value!r} is not allowed; {example}")
-    return host, int(port_text)
-
-
-def _parse_metrics(table: Mapping[str, Any]) -> MetricsSettings:
-    _reject_unknown("[metrics]", table, METRICS_KEYS)
-    values: dict[str, Any] = {}
-    if "listen" in table:
-        split_listen("metrics.listen", table["listen"])
-        values["listen"] = table["listen"]
-    if "guide_names" in table:
-        values["guide_names"] = _bool("metrics.guide_names", table["guide_names"])
-    return MetricsSettings(**values)
-
-
-def _parse_alerts(table: Mapping[str, Any]) -> AlertSettings:
-    _reject_unknown("[alerts]", table, ALERTS_KEYS)
-    values: dict[str, Any] = {}
-    for key in ("group_wait_s", "rate_limit_s"):
-        if key in table:
-            values[key] = _require_positive(
-                f"alerts.{key}", _number(f"alerts.{key}", table[key]), allow_zero=True
-            )
-    if "queue_size" in table:
-        values["queue_size"] = _integer("alerts.queue_size", table["queue_size"], minimum=1)
-    hooks = table.get("webhooks", [])
-    if not isinstance(hooks, list):
-        raise ConfigError(
-            f"alerts.webhooks = {hooks!r} is not allowed; give [[alerts.webhooks]] tables"
-        )
-    values["webhooks"] = tuple(_parse_webhook(i, hook) for i, hook in enumerate(hooks))
-    return AlertSettings(**values)
-
-
-def _parse_webhook(index: int, hook: Any) -> Webhook:
-    where = f"alerts.webhooks[{index}]"
-    if not isinstance(hook, Mapping):
-        raise ConfigError(f"{where} must be a table, not {type(hook).__name__}")
-    _reject_unknown(f"[[alerts.webhooks]] #{index}", hook, WEBHOOK_KEYS)
-    if "url" not in hook:
-        raise ConfigError(f"{where}.url is missing; give the webhook's http(s) URL")
-    url = _string(f"{where}.url", hook["url"])
-    scheme, sep, rest = url.partition("://")
-    host = rest.split("/", 1)[0].rsplit("@", 1)[-1]
-    if not sep or scheme.lower() not in ("http", "https") or not host:
-        raise ConfigError(f"{where}.url = {url!r} is not allowed; give an http:// or https:// URL")
-    values: dict[str, Any] = {"url": url, "name": host}
-    if "name" in hook:
-        values["name"] = _string(f"{where}.name", hook["name"])
-    for key, allowed in (("min_level", ALERT_LEVELS), ("format", WEBHOOK_FORMATS)):
-        if key in hook:
-            raw = hook[key]
-            value = raw.upper() if key == "min_level" and isinstance(raw, str) else raw
-            if value not in allowed:
-                raise ConfigError(
-                    f"{where}.{key} = {raw!r} is not allowed; use one of {', '.join(allowed)}"
-                )
-            values[key] = value
-    if "timeout_s" in hook:
-        values["timeout_s"] = _require_positive(
-            f"{where}.timeout_s", _number(f"{where}.timeout_s", hook["timeout_s"])
-        )
-    if "backoff_s" in hook:
-        values["backoff_s"] = _require_positive(
-            f"{where}.backoff_s", _number(f"{where}.backoff_s", hook["backoff_s"]), allow_zero=True
-        )
-    if "retries" in hook:
-        values["retries"] = _integer(f"{where}.retries", hook["retries"], minimum=0)
-    headers = hook.get("headers", {})
-    if not isinstance(headers, Mapping) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in headers.items()
-    ):
-        raise ConfigError(f"{where}.headers must be a table of strings, got {headers!r}")
-    values["headers"] = tuple(sorted(headers.items()))
-    return Webhook(**values)
-
-
 def _parse_daemon(table: Mapping[str, Any], memory: Mapping[str, Any]) -> DaemonSettings:
-    _reject_unknown("[daemon]", table, DAEMON_KEYS)
+    reject_unknown("[daemon]", table, DAEMON_KEYS)
     values: dict[str, Any] = {}
     if "socket" in table:
-        values["socket"] = _string("daemon.socket", table["socket"])
+        values["socket"] = string("daemon.socket", table["socket"])
     if "allowed_groups" in table:
         values["allowed_groups"] = tuple(
-            _group(name) for name in _string_list("daemon.allowed_groups", table["allowed_groups"])
+            group(name) for name in string_list("daemon.allowed_groups", table["allowed_groups"])
         )
     for key in ("log_max_bytes", "log_backups", "max_line_bytes", "max_connections"):
         if key in table:
-            values[key] = _integer(f"daemon.{key}", table[key], minimum=1)
+            values[key] = integer(f"daemon.{key}", table[key], minimum=1)
     for key in ("idle_timeout_s", "line_timeout_s"):
         if key in table:
-            values[key] = _require_positive(f"daemon.{key}", _number(f"daemon.{key}", table[key]))
+            values[key] = positive(f"daemon.{key}", number(f"daemon.{key}", table[key]))
     for key in ("check_interval_s", "min_interval_s"):
         if key in memory:
-            values[key] = _require_positive(f"memory.{key}", _number(f"memory.{key}", memory[key]))
+            values[key] = positive(f"memory.{key}", number(f"memory.{key}", memory[key]))
     daemon = DaemonSettings(**values)
     _check_interval(daemon)
     return daemon
@@ -388,16 +263,16 @@ def _parse_agent(name: str, section: Any) -> AgentType:
         raise ConfigError(f"{where}: {exc}") from None
     if not isinstance(section, Mapping):
         raise ConfigError(f"{where} must be a table, not {type(section).__name__}")
-    _reject_unknown(where, section, AGENT_KEYS)
+    reject_unknown(where, section, AGENT_KEYS)
     command = None
     if "command" in section:
-        command = tuple(_string_list(f"agents.{name}.command", section["command"]))
+        command = tuple(string_list(f"agents.{name}.command", section["command"]))
         if not command:
             raise ConfigError(f"agents.{name}.command must not be empty")
     env = section.get("env", {})
     if not isinstance(env, Mapping) or not all(isinstance(v, str) for v in env.values()):
         raise ConfigError(f"agents.{name}.env must be a table of strings, got {env!r}")
-    cwd = _string(f"agents.{name}.cwd", section["cwd"]) if "cwd" in section else None
+    cwd = string(f"agents.{name}.cwd", section["cwd"]) if "cwd" in section else None
     limits = {k: v for k, v in section.items() if k in LIMIT_KEYS}
     # Validate the type's own values now, so a bad section fails at start, not at launch.
     _apply_limits(Limits(), limits, f"agents.{name}")
@@ -412,7 +287,7 @@ def _apply_limits(base: Limits, values: Mapping[str, Any], where: str) -> Limits
             continue
         name = prefix + key
         if key == "enabled":
-            changes[key] = _bool(name, value)
+            changes[key] = boolean(name, value)
         elif key == "metric":
             if value not in ("rss", "pss"):
                 raise ConfigError(f"{name} = {value!r} is not allowed; use 'rss' or 'pss'")
@@ -420,9 +295,7 @@ def _apply_limits(base: Limits, values: Mapping[str, Any], where: str) -> Limits
         elif key in ("timeout_s", "predict_s") and value is None:
             changes[key] = None
         else:
-            changes[key] = _require_positive(
-                name, _number(name, value), allow_zero=key == "term_grace_s"
-            )
+            changes[key] = positive(name, number(name, value), allow_zero=key == "term_grace_s")
     return _follow_max(replace(base, **changes), values)
 
 
@@ -454,7 +327,7 @@ def _from_environment(env: Mapping[str, str]) -> tuple[dict[str, Any], dict[str,
             value = float(raw)
         except ValueError:
             raise ConfigError(f"{var}={raw!r} is not a number; give {key} as e.g. 1024") from None
-        _require_positive(var, value)
+        positive(var, value)
         (daemon if key == "check_interval_s" else limits)[key] = value
         used.append(var)
     raw_disable = env.get(ENV_DISABLE)
@@ -475,70 +348,6 @@ def environment_overrides(environ: Mapping[str, str] | None = None) -> dict[str,
     """The guide's variables that are set, to hand to a daemon started in the background."""
     env = os.environ if environ is None else environ
     return {k: env[k] for k in ENV_VARIABLES if k in env}
-
-
-def _reject_unknown(where: str, table: Mapping[str, Any], allowed: Any, noun: str = "key") -> None:
-    unknown = sorted(set(table) - set(allowed))
-    if unknown:
-        raise ConfigError(
-            f"{where}: unknown {noun} {unknown[0]!r}; allowed: {', '.join(sorted(allowed))}"
-        )
-
-
-def _table(data: Mapping[str, Any], key: str) -> Mapping[str, Any]:
-    value = data.get(key, {})
-    if not isinstance(value, Mapping):
-        raise ConfigError(f"[{key}] must be a table, not {type(value).__name__}")
-    return value
-
-
-def _number(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ConfigError(f"{name} = {value!r} is not allowed; give a number")
-    return float(value)
-
-
-def _group(name: str) -> str:
-    try:
-        grp.getgrnam(name)
-    except KeyError:
-        raise ConfigError(
-            f"daemon.allowed_groups: no group {name!r} on this system; give existing group names"
-        ) from None
-    return name
-
-
-def _integer(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"{name} = {value!r} is not allowed; give a whole number >= {minimum}")
-    return value
-
-
-def _bool(name: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise ConfigError(f"{name} = {value!r} is not allowed; give true or false")
-    return value
-
-
-def _string(name: str, value: Any) -> str:
-    if not isinstance(value, str) or not value:
-        raise ConfigError(f"{name} = {value!r} is not allowed; give a non-empty string")
-    return value
-
-
-def _string_list(name: str, value: Any) -> list[str]:
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise ConfigError(f"{name} = {value!r} is not allowed; give a list of strings")
-    return value
-
-
-def _require_positive(name: str, value: float, *, allow_zero: bool = False) -> float:
-    if value != value or value in (float("inf"), float("-inf")):
-        raise ConfigError(f"{name} = {value!r} is not allowed; give a finite number")
-    if value < 0 or (value == 0 and not allow_zero):
-        bound = ">= 0" if allow_zero else "> 0"
-        raise ConfigError(f"{name} = {value:g} is not allowed; it must be {bound}")
-    return value
 
 
 DEFAULT_DOCUMENT: dict[str, Any] = {

@@ -34,7 +34,8 @@ from prometheus_client import (
 
 from supervisord import __version__
 from supervisord.bus import Broadcaster
-from supervisord.config import Config, MetricsSettings
+from supervisord.config import Config
+from supervisord.config_observe import MetricsSettings
 from supervisord.errors import ConfigError
 from supervisord.sysmem import SystemMemory, system_memory
 

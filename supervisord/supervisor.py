@@ -8,11 +8,9 @@ deadline (a grace period or timeout running out), or until something wakes it ea
 from __future__ import annotations
 
 import os
-import shutil
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from contextlib import suppress
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -20,7 +18,7 @@ import anyio
 import structlog
 from anyio.abc import TaskGroup, TaskStatus
 
-from supervisord import cadence, enforcer, launcher, policy, state
+from supervisord import cadence, enforcer, launcher, launchplan, policy, state
 from supervisord.agent import Agent, lost_record
 from supervisord.backstop import Backstop
 from supervisord.bus import Broadcaster
@@ -30,7 +28,7 @@ from supervisord.errors import LaunchError, LaunchRefused, NotFoundError, Superv
 from supervisord.eventlog import EventLog, timestamps
 from supervisord.events import Action, Alert, AlertEvent, EndReason, Level, Signal
 from supervisord.home import Home
-from supervisord.launcher import Credentials, LaunchSpec
+from supervisord.launchplan import LaunchRequest
 from supervisord.sampler import Root, Sampler, ScanResult, TreeSample
 from supervisord.state import AgentRecord
 from supervisord.sysmem import MIB, system_memory
@@ -38,19 +36,6 @@ from supervisord.sysmem import MIB, system_memory
 log = structlog.get_logger("supervisord.supervisor")
 PERSIST_INTERVAL_S = 1.0
 SIGNAL_RECHECK_S = 0.1
-
-
-@dataclass(frozen=True, slots=True)
-class LaunchRequest:
-    agent_type: str
-    command: tuple[str, ...] | None = None
-    task: str | None = None
-    cwd: str | None = None
-    env: Mapping[str, str] = field(default_factory=dict)
-    limits: Mapping[str, Any] = field(default_factory=dict)
-    force: bool = False
-    user: Credentials | None = None
-    owner_uid: int | None = None
 
 
 class Supervisor:
@@ -97,30 +82,16 @@ class Supervisor:
     async def launch(self, request: LaunchRequest) -> Agent:
         assert self._tg is not None, "Supervisor.run() must be started first"
         limits = self.config.limits_for(request.agent_type, request.limits)
-        command = self._command(request)
+        command = launchplan.resolve_command(self.config, request, self.home.config_file)
         subprocess_id = launcher.new_subprocess_id(request.agent_type)
-        available = system_memory().available_mb
-        if not request.force and available < limits.warning_mb:
-            message = (
-                f"launch of {request.agent_type} refused: {available:.1f} MB available is below "
-                f"its warning_mb {limits.warning_mb:g} MB (free memory, lower warning_mb, or force)"
-            )
-            alert = Alert(AlertEvent.LAUNCH_REFUSED, Level.WARNING, 0.0, limits.warning_mb, message)
+        refused = launchplan.refusal(request, limits, system_memory().available_mb)
+        if refused is not None:
+            alert = Alert(AlertEvent.LAUNCH_REFUSED, Level.WARNING, 0.0, limits.warning_mb, refused)
             self._write_alert(subprocess_id, request.agent_type, None, alert, EndReason.STOPPED)
-            raise LaunchRefused(message)
-        agent_type = self.config.agent_type(request.agent_type)
-        env = {**os.environ, **agent_type.env, **request.env}
+            raise LaunchRefused(refused)
         cgroup = None if self.backstop is None else self.backstop.create(subprocess_id, limits)
-        spec = LaunchSpec(
-            subprocess_id=subprocess_id,
-            agent_type=request.agent_type,
-            command=command,
-            log_path=self.home.agent_log(subprocess_id),
-            cwd=request.cwd or agent_type.cwd,
-            env=env,
-            user=request.user,
-            cgroup=cgroup,
-        )
+        log_path = self.home.agent_log(subprocess_id)
+        spec = launchplan.spec_for(self.config, request, subprocess_id, command, log_path, cgroup)
         try:
             child = launcher.spawn(spec)
         except LaunchError:
@@ -476,30 +447,6 @@ class Supervisor:
         )
         self.bus.publish({"type": "exit", **record_event})
         agent.done.set()
-
-    def _command(self, request: LaunchRequest) -> tuple[str, ...]:
-        if request.command:
-            return tuple(request.command)
-        agent_type = self.config.agent_type(request.agent_type)
-        key = f"agents.{request.agent_type}.command"
-        if agent_type.command is None:
-            raise LaunchError(
-                f"no command for agent type {request.agent_type!r}: set {key} in "
-                f'{self.home.config_file} (e.g. command = ["claude", "-p", "{{task}}"]) '
-                "or pass a command"
-            )
-        task = request.task or ""
-        command = tuple(arg.replace("{task}", task) for arg in agent_type.command)
-        if not _executable_exists(command[0]):
-            raise LaunchError(
-                f"executable {command[0]!r} of {key} not found: install it or set {key} "
-                f"in {self.home.config_file}"
-            )
-        return command
-
-
-def _executable_exists(name: str) -> bool:
-    return shutil.which(name) is not None
 
 
 def _reap(pids: tuple[int, ...]) -> None:

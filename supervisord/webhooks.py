@@ -33,7 +33,8 @@ from anyio.streams.memory import MemoryObjectReceiveStream
 
 from supervisord import __version__
 from supervisord.bus import Broadcaster
-from supervisord.config import ALERT_LEVELS, AlertSettings, Config, Webhook
+from supervisord.config import Config
+from supervisord.config_observe import ALERT_LEVELS, AlertSettings, Webhook
 
 log = structlog.get_logger("supervisord.webhooks")
 

@@ -20,7 +20,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from supervisord.bus import Broadcaster
-from supervisord.config import Config, MetricsSettings, load_config
+from supervisord.config import Config, load_config
+from supervisord.config_observe import MetricsSettings
 from supervisord.errors import ConfigError
 from supervisord.home import Home
 from supervisord.metrics import Metrics, MetricsServer, follow

@@ -17,7 +17,8 @@ import httpx
 import pytest
 
 from supervisord.bus import Broadcaster
-from supervisord.config import AlertSettings, Config, Webhook, load_config
+from supervisord.config import Config, load_config
+from supervisord.config_observe import AlertSettings, Webhook
 from supervisord.errors import ConfigError
 from supervisord.home import Home
 from supervisord.webhooks import (
