@@ -1,9 +1,11 @@
 """``claude-pm demo``: the whole escalation in well under a minute, in a throwaway home.
 
-Four simulated agents under deliberately small limits (warning 100 MB, critical 200 MB,
-max 300 MB): a steady one, a slow leaker that crosses warning and critical and then exits,
-a fast leaker stopped by SIGTERM at the hard limit, and one that ignores SIGTERM and is
-SIGKILLed after the grace period. Peak memory stays around 1 GB.
+Five simulated agents under deliberately small limits (warning 100 MB, critical 200 MB,
+max 300 MB, kernel ceiling 450 MB where memory cgroups are available): a steady one, a slow
+leaker that crosses warning and critical and then exits, a fast leaker stopped by SIGTERM at
+the hard limit, one that ignores SIGTERM and is SIGKILLed after the grace period, and a
+runaway that ignores SIGTERM and would outgrow the grace: the kernel ceiling holds it and
+the daemon kills it on the OOM event. Peak memory stays under about 1.3 GB.
 """
 
 from __future__ import annotations
@@ -46,10 +48,18 @@ AGENTS: list[tuple[str, str, list[str]]] = [
     ),
     (
         "stubborn",
-        "grows 120 MB/s in a child, ignores SIGTERM; SIGKILLed after grace",
-        ["--hold-mb", "10", "--rate", "120", "--cap", "500", "--in-child", "--ignore-term"],
+        "grows 120 MB/s in a child to 380 MB, ignores SIGTERM; SIGKILLed after grace",
+        ["--hold-mb", "10", "--rate", "120", "--cap", "380", "--in-child", "--ignore-term"],
+    ),
+    (
+        "runaway",
+        "grows 300 MB/s, ignores SIGTERM; held at the kernel ceiling, killed on the OOM event",
+        ["--hold-mb", "10", "--rate", "300", "--ignore-term"],
     ),
 ]
+# The kernel ceiling (per-agent memory cgroup) sits 50% above max_mb: room for the grace
+# period to play out for "stubborn", none for "runaway".
+CGROUP = {"hard_margin_pct": 50}
 DEADLINE_S = 50.0
 
 
@@ -66,11 +76,14 @@ def run() -> int:
 
 def _run(home: Home) -> int:
     home.config_file.parent.mkdir(parents=True)
-    home.config_file.write_text(tomli_w.dumps({"memory": LIMITS}))
+    home.config_file.write_text(tomli_w.dumps({"memory": LIMITS, "cgroup": CGROUP}))
     print(f"home: {home.root}")
     print("limits: " + ", ".join(f"{k} {v}" for k, v in LIMITS.items()))
     started = background.start_daemon(home, {**os.environ, "CLAUDE_PM_HOME": str(home.root)})
-    print(f"daemon started, pid {started.pid}\n")
+    print(f"daemon started, pid {started.pid}")
+    with Client(resolve_socket(home)) as client:
+        cgroups = client.status()["cgroups"]
+    print(f"kernel backstop: {cgroups['in_force']} ({cgroups['reason']})\n")
     socket_path = resolve_socket(home)
     ended: dict[str, dict[str, Any]] = {}
     all_ended = threading.Event()
@@ -89,7 +102,7 @@ def _run(home: Home) -> int:
         if not all_ended.wait(DEADLINE_S):
             print("demo: agents did not all end in time", file=sys.stderr)
             return 1
-    print(f"\n{_clock(t0)} all four agents have ended.\n")
+    print(f"\n{_clock(t0)} all {len(AGENTS)} agents have ended.\n")
     _show(home)
     return 0
 
