@@ -1,0 +1,69 @@
+"""The benchmark suite still runs: ``python -m bench --quick`` end to end, in under a minute.
+
+It starts real daemons, idle trees, a leaker (256 MB limit, capped at 768 MB), supervisord
+with memmon (installed into the venv by the bench when missing) and the echo server, so a
+change that breaks the bench or the daemon interfaces it drives fails here, not at the next
+``make bench``.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+EXPECTED = {
+    "overhead": {"overhead.cpu_pct.5", "overhead.rss_mb.5"},
+    "leak": {
+        f"leak.{figure}.{shape}.500"
+        for figure in ("overshoot_mb", "sigterm_ms", "gone_ms")
+        for shape in ("process", "tree")
+    },
+    "control": {
+        "control.status_p50_ms",
+        "control.status_p99_ms",
+        "control.stats_p50_ms",
+        "control.stats_p99_ms",
+        "control.ping_p50_ms",
+        "control.ping_rps",
+    },
+    "launch": {"launch.per_s", "launch.p50_ms", "launch.p99_ms"},
+}
+FIGURE_KEYS = {"key", "label", "unit", "value", "baseline", "baseline_label", "target", "verdict"}
+
+
+@pytest.mark.timeout(240)
+def test_quick_bench_writes_every_figure_and_baseline(short_tmp: Path) -> None:
+    out = short_tmp / "bench.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--json", str(out)],
+        cwd=REPO,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=220,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    data: dict[str, Any] = json.loads(out.read_text())
+    assert data["quick"] is True
+    assert {"cores", "memory_total_mb", "kernel", "python"} <= set(data["machine"])
+    assert set(data["benchmarks"]) == set(EXPECTED)
+    for name, keys in EXPECTED.items():
+        bench = data["benchmarks"][name]
+        assert bench["error"] is None, bench["error"]
+        figures = {f["key"]: f for f in bench["figures"]}
+        assert set(figures) == keys
+        for figure in figures.values():
+            assert set(figure) >= FIGURE_KEYS, figure
+            assert isinstance(figure["value"], int | float), figure
+            # A baseline may be missing only when the run says why (memmon not installable).
+            assert isinstance(figure["baseline"], int | float) or bench["notes"], figure
+    # The table went to stdout, with each figure's row.
+    assert "| bench" in done.stdout
+    assert "ping throughput" in done.stdout
