@@ -18,6 +18,7 @@ from supervisord.events import EndReason, Level
 from supervisord.launcher import UNKNOWN_EXIT, Child, ExitStatus
 from supervisord.sampler import Identity
 from supervisord.state import AgentRecord
+from supervisord.state import as_dict as state_as_dict
 
 
 @dataclass(eq=False)
@@ -43,6 +44,8 @@ class Agent:
     signalled_at: float | None = None  # when the first SIGTERM (or SIGKILL) went out
     cgroup: AgentCgroup | None = None
     cgroup_scope: anyio.CancelScope | None = None
+    _entry_key: tuple[Any, ...] | None = None
+    _entry: dict[str, Any] | None = None
 
     def status_word(self) -> str:
         if self.state.ending is not None and self.state.ending.aborted:
@@ -82,6 +85,22 @@ class Agent:
             "time_to_limit_s": None if eta is None else round(eta, 1),
         }
 
+    def row(self, now: float) -> dict[str, Any]:
+        """The compact form ``status`` lists (``stats`` has everything)."""
+        return {
+            "subprocess_id": self.id,
+            "agent_type": self.agent_type,
+            "pid": self.child.pid,
+            "current_mb": round(self.state.current_mb, 1),
+            "peak_mb": round(self.state.peak_mb, 1),
+            "level": self.state.level.name,
+            "status": self.status_word(),
+            "ending": None if self.state.ending is None else self.state.ending.value,
+            "process_count": len(self.members),
+            "duration_seconds": round(now - self.state.started_at, 1),
+            "max_mb": self.limits.max_mb,
+        }
+
     def end_record(self, now: float) -> dict[str, Any]:
         """The subprocess-stats.jsonl record, once the tree is gone."""
         reason = self.state.ending or EndReason.EXITED
@@ -101,6 +120,26 @@ class Agent:
                 "warnings": list(self.state.warnings),
             },
         )
+
+    def state_entry(self) -> tuple[bool, dict[str, Any]]:
+        """This agent's run/state.json entry, and whether it changed since last asked.
+
+        Rebuilt only when something a restarted daemon needs has changed (level, a new peak
+        MB, warnings, the tree's members, the limits), so an idle fleet costs no rewrites.
+        """
+        key = (
+            self.state.level,
+            round(self.state.peak_mb),
+            len(self.state.warnings),
+            self.state.ending,
+            self.members,
+            self.start_mb,
+            self.limits,
+        )
+        if key != self._entry_key or self._entry is None:
+            self._entry_key, self._entry = key, state_as_dict(self.snapshot())
+            return True, self._entry
+        return False, self._entry
 
     def snapshot(self) -> AgentRecord:
         """What run/state.json keeps of this agent."""

@@ -92,6 +92,7 @@ class Commands:
         )
 
     def status(self) -> dict[str, Any]:
+        now = self.supervisor.clock()
         config = self.supervisor.config
         enabled = config.limits.enabled
         return {
@@ -101,7 +102,8 @@ class Commands:
             "cgroups": self.supervisor.cgroup_status,
             "system_memory": system_memory().as_dict(),
             "agent_count": len(self.supervisor.agents),
-            "agents": self.supervisor.stats(),
+            # Compact rows: status stays fast with hundreds of agents; stats has the detail.
+            "agents": [a.row(now) for a in self.supervisor.agents.values()],
         }
 
     async def launch(self, args: Mapping[str, Any], peer: Peer) -> dict[str, Any]:

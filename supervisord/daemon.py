@@ -241,7 +241,8 @@ async def serve(
                 with anyio.CancelScope(shield=True):
                     await supervisor.stop_all()
             # With --leave-agents this keeps them in run/state.json for the next daemon.
-            supervisor.persist(force=True)
+            with anyio.CancelScope(shield=True):
+                await supervisor.write_state()
             tg.cancel_scope.cancel()
         log.info("daemon_stopped")
 

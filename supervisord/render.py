@@ -30,7 +30,7 @@ def agents_table(agents: list[Mapping[str, Any]]) -> str:
                 f"{a['peak_mb']:.1f}",
                 a["status"] if a.get("ending") is None else f"{a['status']} ({a['ending']})",
                 f"{a['duration_seconds']:.0f}s",
-                f"{a['limits']['max_mb']:g}",
+                f"{a['max_mb'] if 'max_mb' in a else a['limits']['max_mb']:g}",
             ]
             for a in agents
         ],

@@ -113,33 +113,57 @@ class Sampler:
         return ScanResult(trees=trees, orphan_zombies=zombies, processes=len(table))
 
     def sample_fast(self, roots: Mapping[str, Root]) -> dict[str, TreeSample]:
-        """The given trees only: known members, plus children they forked since."""
+        """The given trees only, without scanning /proc.
+
+        With a memory cgroup the group's process list is the tree (nothing escapes it); else
+        the known members plus the children they forked since (``/proc/PID/task/*/children``).
+        """
         trees: dict[str, TreeSample] = {}
         for agent_id, root in roots.items():
             known = self._trees[agent_id]
             known.add((root.pid, root.start))
-            for pid in root.cgroup_pids():
-                if (entry := procfs.read_entry(pid)) is not None:
-                    known.add((pid, entry.start))
-            live: list[Identity] = []
-            seen: set[int] = set()
-            stack = list(known)
-            while stack:
-                pid, start = stack.pop()
-                if pid in seen:
-                    continue
-                seen.add(pid)
-                size = self._statm.resident_bytes(pid, start)
-                if size is None:
-                    known.discard((pid, start))
-                    continue
-                live.append((pid, start))
-                for child in procfs.children_of(pid):
-                    if child not in seen and (entry := procfs.read_entry(child)) is not None:
-                        known.add((child, entry.start))
-                        stack.append((child, entry.start))
+            if root.cgroup is not None:
+                live = self._cgroup_members(known, root)
+            else:
+                live = self._walk_children(known)
             trees[agent_id] = self._measure(live, root)
         return trees
+
+    def _cgroup_members(self, known: set[Identity], root: Root) -> list[Identity]:
+        starts = dict(known)
+        members: list[Identity] = []
+        for pid in {root.pid, *root.cgroup_pids()}:
+            start = starts.get(pid)
+            if start is None or self._statm.resident_bytes(pid, start) is None:
+                # New since the last look (or its pid was reused inside the group): one read
+                # of its stat for its identity.
+                entry = procfs.read_entry(pid)
+                if entry is None:
+                    continue
+                start = entry.start
+            members.append((pid, start))
+        known.clear()
+        known.update(members)
+        return members
+
+    def _walk_children(self, known: set[Identity]) -> list[Identity]:
+        live: list[Identity] = []
+        seen: set[int] = set()
+        stack = list(known)
+        while stack:
+            pid, start = stack.pop()
+            if pid in seen:
+                continue
+            seen.add(pid)
+            if self._statm.resident_bytes(pid, start) is None:
+                known.discard((pid, start))
+                continue
+            live.append((pid, start))
+            for child in procfs.children_of(pid):
+                if child not in seen and (entry := procfs.read_entry(child)) is not None:
+                    known.add((child, entry.start))
+                    stack.append((child, entry.start))
+        return live
 
     def remember(self, agent_id: str, members: Iterable[Identity]) -> None:
         """Members known from before (a re-adopted agent's escaped descendants, say)."""

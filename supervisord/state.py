@@ -37,12 +37,13 @@ class AgentRecord:
     members: list[list[int]] = field(default_factory=list)
 
 
-def save(path: Path, daemon_pid: int, agents: list[AgentRecord]) -> None:
-    document = {
-        "version": STATE_VERSION,
-        "daemon_pid": daemon_pid,
-        "agents": [asdict(agent) for agent in agents],
-    }
+def as_dict(record: AgentRecord) -> dict[str, Any]:
+    return asdict(record)
+
+
+def save(path: Path, daemon_pid: int, agents: list[dict[str, Any]]) -> None:
+    """Write the state (agents as ``as_dict`` made them); blocks: call it from a thread."""
+    document = {"version": STATE_VERSION, "daemon_pid": daemon_pid, "agents": agents}
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(document, f, separators=(",", ":"))

@@ -8,6 +8,7 @@ deadline (a grace period or timeout running out), or until something wakes it ea
 from __future__ import annotations
 
 import os
+import signal
 import time
 from collections.abc import Callable
 from contextlib import suppress
@@ -18,7 +19,7 @@ import anyio
 import structlog
 from anyio.abc import TaskGroup, TaskStatus
 
-from supervisord import cadence, enforcer, launcher, launchplan, policy, state
+from supervisord import cadence, enforcer, launcher, launchplan, policy, procfs, state
 from supervisord.agent import Agent, lost_record
 from supervisord.backstop import Backstop
 from supervisord.bus import Broadcaster
@@ -36,6 +37,7 @@ from supervisord.sysmem import MIB, system_memory
 log = structlog.get_logger("supervisord.supervisor")
 PERSIST_INTERVAL_S = 1.0
 SIGNAL_RECHECK_S = 0.1
+DISCOVERY_INTERVAL_S = 30.0
 
 
 class Supervisor:
@@ -65,8 +67,13 @@ class Supervisor:
         self._limiter = anyio.CapacityLimiter(1)
         self._wake = anyio.Event()
         self._tg: TaskGroup | None = None
-        self._persisted_at = -PERSIST_INTERVAL_S
-        self._persisted: list[AgentRecord] = []
+        self._persist_wake = anyio.Event()
+        self._persist_due = float("inf")
+        self._persist_now = anyio.Event()
+        self._persist_done = anyio.Event()
+        self._persist_requested = 0
+        self._persist_written = 0
+        self._persisted_count = -1
         self._full_due = 0.0
         self.last_sample_s = 0.0
         self.fast_samples = 0
@@ -75,6 +82,9 @@ class Supervisor:
         async with anyio.create_task_group() as tg:
             self._tg = tg
             tg.start_soon(self._sample_loop)
+            tg.start_soon(self._persister)
+            if self.reap_orphans:
+                tg.start_soon(self._reaper)
             task_status.started()
 
     # -- commands ---------------------------------------------------------------------------
@@ -113,6 +123,7 @@ class Supervisor:
             cgroup=cgroup,
         )
         self._register(agent)
+        await self.persisted()
         log.info(
             "agent_launched", subprocess_id=subprocess_id, pid=child.pid, command=list(command)
         )
@@ -151,17 +162,46 @@ class Supervisor:
         self._wake.set()
 
     def persist(self, *, force: bool = False) -> None:
-        """Keep run/state.json current: at once on launch and end; otherwise at most once a
-        second, and only when something a restarted daemon would need has changed."""
-        now = self.clock()
-        if not force and now - self._persisted_at < PERSIST_INTERVAL_S:
+        """Ask for run/state.json to be brought up to date: at once (``force``: an agent
+        came or went) or within a second; written from a worker thread by ``_persister``."""
+        due = self.clock() + (0.0 if force else PERSIST_INTERVAL_S)
+        self._persist_due = min(self._persist_due, due)
+        self._persist_wake.set()
+        if force:
+            self._persist_requested += 1
+            self._persist_now.set()
+
+    async def persisted(self) -> None:
+        """Until run/state.json holds everything up to now: a launch is answered only once a
+        crash right after it could not lose the agent. Concurrent callers share one write."""
+        self.persist(force=True)
+        wanted = self._persist_requested
+        while self._persist_written < wanted:
+            await self._persist_done.wait()
+
+    async def _persister(self) -> None:
+        while True:
+            await self._persist_wake.wait()
+            with anyio.move_on_after(max(0.0, self._persist_due - self.clock())):
+                await self._persist_now.wait()  # a forced request cuts the wait short
+            force = self._persist_now.is_set()
+            self._persist_wake, self._persist_now = anyio.Event(), anyio.Event()
+            self._persist_due = float("inf")
+            covered = self._persist_requested
+            await self.write_state(force=force)
+            self._persist_written = covered
+            self._persist_done.set()
+            self._persist_done = anyio.Event()
+
+    async def write_state(self, *, force: bool = True) -> None:
+        entries = [agent.state_entry() for agent in self.agents.values()]
+        changed = any(c for c, _ in entries) or len(entries) != self._persisted_count
+        if not (force or changed):
             return
-        snapshot = [a.snapshot() for a in self.agents.values()]
-        if not force and snapshot == self._persisted:
-            return
-        self._persisted_at, self._persisted = now, snapshot
+        self._persisted_count = len(entries)
+        agents = [entry for _, entry in entries]
         try:
-            state.save(self.home.state_file, os.getpid(), snapshot)
+            await anyio.to_thread.run_sync(state.save, self.home.state_file, os.getpid(), agents)
         except OSError as exc:
             log.error("state_save_failed", path=str(self.home.state_file), error=str(exc))
 
@@ -211,15 +251,27 @@ class Supervisor:
         while True:
             self._wake = anyio.Event()
             now = self.clock()
-            if now >= self._full_due:
+            due = [a for a in self.agents.values() if self._due(a) <= now]
+            # Agents due just before the next full scan wait for it: no tree is read twice.
+            fold = self.config.daemon.min_interval_s
+            if now >= self._full_due or (due and self._full_due - now <= fold):
+                self._full_due = now + self._discovery_interval()
                 await self.sample_once()
-                self._full_due = self.clock() + self.config.check_interval_s
-            else:
-                due = [a for a in self.agents.values() if self._due(a) <= now]
-                if due:
-                    await self._sample_fast(due)
+            elif due:
+                await self._sample_fast(due)
+            self.persist()
+            if self.on_tick is not None:
+                # The watchdog hears from this loop itself: if it stalls, systemd notices.
+                self.on_tick(len(self.agents))
             with anyio.move_on_after(self._next_delay()):
                 await self._wake.wait()
+
+    def _discovery_interval(self) -> float:
+        """How often all of /proc is scanned. Agents in a memory cgroup need no scan to find
+        their members (the group lists them), only to reap orphans; others need one a tick."""
+        if self.backstop is not None and all(a.cgroup for a in self.agents.values()):
+            return max(DISCOVERY_INTERVAL_S, self.config.check_interval_s)
+        return self.config.check_interval_s
 
     def request_full_scan(self) -> None:
         """Rediscover every tree now (an agent's own process ended: orphans to find)."""
@@ -240,9 +292,6 @@ class Supervisor:
                 self._apply_sample(agent, tree, now)
         if self.reap_orphans:
             _reap(result.orphan_zombies)
-        self.persist()
-        if self.on_tick is not None:
-            self.on_tick(len(self.agents))
 
     async def _sample_fast(self, agents: list[Agent]) -> None:
         """Only the trees that need a look before the next full scan, from kept-open fds."""
@@ -300,6 +349,13 @@ class Supervisor:
         for agent in self.agents.values():
             wake = min(wake, self._due(agent))
         return max(0.0, wake - self.clock())
+
+    async def _reaper(self) -> None:
+        """Reap adopted orphans as they die (SIGCHLD), not only at the next /proc scan."""
+        with anyio.open_signal_receiver(signal.SIGCHLD) as signals:
+            async for _ in signals:
+                roots = {a.child.pid for a in self.agents.values()}
+                _reap(tuple(_zombie_children(roots)))
 
     async def _watch_exit(self, agent: Agent) -> None:
         agent.exit = await launcher.wait_exit(agent.child)
@@ -447,6 +503,15 @@ class Supervisor:
         )
         self.bus.publish({"type": "exit", **record_event})
         agent.done.set()
+
+
+def _zombie_children(agent_pids: set[int]) -> list[int]:
+    """Our own dead children that are not agents (those are reaped through their pidfd)."""
+    zombies = []
+    for pid in procfs.children_of(os.getpid()):
+        if pid not in agent_pids and (entry := procfs.read_entry(pid)) is not None and entry.zombie:
+            zombies.append(pid)
+    return zombies
 
 
 def _reap(pids: tuple[int, ...]) -> None:
