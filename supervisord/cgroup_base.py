@@ -35,6 +35,7 @@ _SHIM_BY_PATH = f'echo $$ >"$0" || exit {SHIM_FAILED_EXIT}; exec "$@"'
 # the agent never holds a descriptor that could move processes into the group.
 _SHIM_BY_STDIN = f'echo $$ >&0 || exit {SHIM_FAILED_EXIT}; exec "$@" </dev/null'
 _POLL_S = 0.002
+_PROCS_CHUNK = 65536
 _INOTIFY_EVENT_BYTES = 16
 
 
@@ -160,6 +161,7 @@ class AgentCgroup(ABC):
         # How /proc/PID/cgroup names this group (relative to the cgroup namespace's root).
         self.proc_path = proc_path
         self._oom_seen = False
+        self._procs_path = str(path / "cgroup.procs")  # a str: no Path arithmetic per sample
         try:
             self._usage_fd = os.open(path / self.usage_file, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as exc:
@@ -222,11 +224,22 @@ class AgentCgroup(ABC):
     # -- members --------------------------------------------------------------------------------
 
     def pids(self) -> list[int]:
-        """Every process in the group (live ones; exited ones leave it before being reaped)."""
+        """Every process in the group (live ones; exited ones leave it before being reaped).
+
+        Opened anew each time: the kernel builds the list at open (a kept-open descriptor
+        read again with pread returns the old list); raw os calls keep it near 8 us.
+        """
         try:
-            return parse_procs(read_text(self.path / "cgroup.procs"))
+            fd = os.open(self._procs_path, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             return []
+        try:
+            chunks: list[bytes] = []
+            while chunk := os.read(fd, _PROCS_CHUNK):
+                chunks.append(chunk)
+        finally:
+            os.close(fd)
+        return parse_procs(b"".join(chunks).decode("ascii"))
 
     def empty(self) -> bool:
         return not self.pids()

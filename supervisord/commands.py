@@ -100,6 +100,7 @@ class Commands:
             "config": config.public(),
             "monitoring": "enabled" if enabled else "disabled (CLAUDE_PM_DISABLE_MEMORY_MONITOR)",
             "cgroups": self.supervisor.cgroup_status,
+            "sampling": self.supervisor.sampling(),
             "system_memory": system_memory().as_dict(),
             "agent_count": len(self.supervisor.agents),
             # Compact rows: status stays fast with hundreds of agents; stats has the detail.

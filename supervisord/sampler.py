@@ -18,9 +18,10 @@ The methods block (they read /proc): the supervisor runs them in a worker thread
 from __future__ import annotations
 
 import os
+import time
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from supervisord import procfs
 from supervisord.cgroup import AgentCgroup
@@ -29,6 +30,8 @@ from supervisord.procfs import ProcEntry, StatmCache
 from supervisord.sysmem import MIB
 
 MARKER_ENV = "CLAUDE_PM_SUBPROCESS_ID"
+# An agent whose cgroup usage has not moved is still read in full this often.
+REREAD_IDLE_S = 10.0
 Identity = tuple[int, int]  # (pid, start)
 
 
@@ -59,6 +62,9 @@ class TreeSample:
     rss_bytes: int
     mb: float
     metric: Metric
+    # True when the kernel's count for the agent's cgroup had not moved since the last
+    # sample: the tree was not read again, and this is that last sample.
+    unchanged: bool = False
 
     @property
     def pids(self) -> tuple[int, ...]:
@@ -79,6 +85,8 @@ class Sampler:
     _trees: dict[str, set[Identity]] = field(default_factory=lambda: defaultdict(set))
     _unrelated: set[Identity] = field(default_factory=set)
     _statm: StatmCache = field(default_factory=StatmCache)
+    # Per agent with a cgroup: (usage bytes, when the tree was last read, that sample).
+    _last: dict[str, tuple[int, float, TreeSample]] = field(default_factory=dict)
 
     @property
     def open_fds(self) -> int:
@@ -119,29 +127,47 @@ class Sampler:
         the known members plus the children they forked since (``/proc/PID/task/*/children``).
         """
         trees: dict[str, TreeSample] = {}
+        now = time.monotonic()
         for agent_id, root in roots.items():
+            usage = _usage(root)
+            last = self._last.get(agent_id)
+            if (
+                usage is not None
+                and last is not None
+                and usage == last[0]
+                and now - last[1] < REREAD_IDLE_S
+            ):
+                # Not a byte charged or freed in the whole tree since the last read: an idle
+                # agent costs one pread. Read in full every REREAD_IDLE_S all the same.
+                trees[agent_id] = replace(last[2], unchanged=True)
+                continue
             known = self._trees[agent_id]
             known.add((root.pid, root.start))
             if root.cgroup is not None:
                 live = self._cgroup_members(known, root)
             else:
                 live = self._walk_children(known)
-            trees[agent_id] = self._measure(live, root)
+            tree = self._measure(live, root)
+            if len(tree.members) != len(live):
+                known.intersection_update(tree.members)
+            if usage is not None:
+                self._last[agent_id] = (usage, now, tree)
+            trees[agent_id] = tree
         return trees
 
     def _cgroup_members(self, known: set[Identity], root: Root) -> list[Identity]:
         starts = dict(known)
         members: list[Identity] = []
-        for pid in {root.pid, *root.cgroup_pids()}:
+        for pid in sorted({root.pid, *root.cgroup_pids()}):
             start = starts.get(pid)
-            if start is None or self._statm.resident_bytes(pid, start) is None:
-                # New since the last look (or its pid was reused inside the group): one read
-                # of its stat for its identity.
+            if start is None:  # new since the last look: one read of its stat for identity
                 entry = procfs.read_entry(pid)
                 if entry is None:
                     continue
                 start = entry.start
             members.append((pid, start))
+        # _measure drops what it cannot read (gone, or a pid reused within the group: its
+        # identity is then looked up afresh next time).
         known.clear()
         known.update(members)
         return members
@@ -171,6 +197,7 @@ class Sampler:
 
     def forget(self, agent_id: str) -> None:
         self._trees.pop(agent_id, None)
+        self._last.pop(agent_id, None)
 
     def close(self) -> None:
         self._statm.close()
@@ -190,6 +217,8 @@ class Sampler:
         if root.metric == "pss" and mb >= root.pss_from_mb:
             pss = sum(procfs.pss_bytes(pid) or 0 for pid, _ in members)
             mb, metric = pss / MIB, "pss"
+        # One order for the same tree however it was found, so unchanged trees compare equal.
+        members.sort()
         return TreeSample(members=tuple(members), rss_bytes=rss, mb=round(mb, 1), metric=metric)
 
     def _attribute_orphans(
@@ -216,6 +245,15 @@ class Sampler:
                 self._unrelated.add(ident)
         live = {(e.pid, e.start) for e in table.values()}
         self._unrelated &= live
+
+
+def _usage(root: Root) -> int | None:
+    if root.cgroup is None:
+        return None
+    try:
+        return root.cgroup.usage_bytes()
+    except OSError:
+        return None
 
 
 def _zombie(pid: int) -> bool:

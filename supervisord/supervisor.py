@@ -7,6 +7,7 @@ deadline (a grace period or timeout running out), or until something wakes it ea
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import time
@@ -75,8 +76,11 @@ class Supervisor:
         self._persist_written = 0
         self._persisted_count = -1
         self._full_due = 0.0
+        self._epoch = clock()
         self.last_sample_s = 0.0
         self.fast_samples = 0
+        self.full_scans = 0
+        self.loop_turns = 0
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         async with anyio.create_task_group() as tg:
@@ -211,6 +215,17 @@ class Supervisor:
         except KeyError:
             raise NotFoundError(f"no agent {subprocess_id}") from None
 
+    def sampling(self) -> dict[str, Any]:
+        """How the sampler is doing, for ``status``."""
+        return {
+            "full_scans": self.full_scans,
+            "fast_samples": self.fast_samples,
+            "loop_turns": self.loop_turns,
+            "last_scan_ms": round(self.last_sample_s * 1000, 2),
+            "open_statm_fds": self._sampler.open_fds,
+            "discovery_interval_s": self._discovery_interval(),
+        }
+
     def stats(self) -> list[dict[str, Any]]:
         now = self.clock()
         return [agent.stats(now) for agent in self.agents.values()]
@@ -250,12 +265,14 @@ class Supervisor:
     async def _sample_loop(self) -> None:
         while True:
             self._wake = anyio.Event()
+            self.loop_turns += 1
             now = self.clock()
             due = [a for a in self.agents.values() if self._due(a) <= now]
             # Agents due just before the next full scan wait for it: no tree is read twice.
             fold = self.config.daemon.min_interval_s
             if now >= self._full_due or (due and self._full_due - now <= fold):
-                self._full_due = now + self._discovery_interval()
+                discovery = self._discovery_interval()
+                self._full_due = self._next_tick(now + discovery - self.config.check_interval_s)
                 await self.sample_once()
             elif due:
                 await self._sample_fast(due)
@@ -284,6 +301,7 @@ class Supervisor:
         started = time.perf_counter()
         result = await anyio.to_thread.run_sync(self._sampler.sample, roots, limiter=self._limiter)
         self.last_sample_s = time.perf_counter() - started
+        self.full_scans += 1
         self.last_scan = result
         now = self.clock()
         for agent_id, tree in result.trees.items():
@@ -317,6 +335,11 @@ class Supervisor:
         )
 
     def _apply_sample(self, agent: Agent, tree: TreeSample, now: float) -> None:
+        if tree.unchanged and agent.exit is None and _quiet(agent, tree.mb):
+            # The kernel says not a byte moved: nothing to decide, only when to look again.
+            agent.growth = cadence.observe(agent.growth, now, tree.mb)
+            self._reschedule(agent, now)
+            return
         agent.members = tree.members
         mb = None
         eta = None
@@ -330,15 +353,29 @@ class Supervisor:
                 agent.crossed_at = cadence.crossing_time(agent.growth, now, mb, agent.limits.max_mb)
             agent.growth = cadence.observe(agent.growth, now, mb)
             eta = cadence.time_to(agent.growth, agent.limits.max_mb)
-        agent.state, actions = policy.step(agent.state, now, agent.limits, mb, eta)
-        self._carry_out(agent, actions)
+        if not _quiet(agent, mb):
+            agent.state, actions = policy.step(agent.state, now, agent.limits, mb, eta)
+            self._carry_out(agent, actions)
         if agent.exit is not None and not tree.members:
             self._finish(agent)
             return
+        self._reschedule(agent, now)
+
+    def _reschedule(self, agent: Agent, now: float) -> None:
         floor = self.config.daemon.min_interval_s
         age = now - agent.state.started_at
         interval = self.config.check_interval_s
-        agent.next_due = now + cadence.next_delay(agent.growth, agent.limits, age, floor, interval)
+        delay = cadence.next_delay(agent.growth, agent.limits, age, floor, interval)
+        if delay >= interval:
+            # Idle: join the common tick, so a fleet launched over minutes is still read in
+            # one batch per interval rather than each agent waking the loop on its own.
+            agent.next_due = self._next_tick(now)
+        else:
+            agent.next_due = now + delay
+
+    def _next_tick(self, now: float) -> float:
+        interval = self.config.check_interval_s
+        return self._epoch + (math.floor((now - self._epoch) / interval) + 1) * interval
 
     def _due(self, agent: Agent) -> float:
         deadline = policy.next_deadline(agent.state, agent.limits)
@@ -503,6 +540,21 @@ class Supervisor:
         )
         self.bus.publish({"type": "exit", **record_event})
         agent.done.set()
+
+
+def _quiet(agent: Agent, mb: float | None) -> bool:
+    """Nothing the policy could do with this sample: an idle agent at the same memory, at
+    level OK, with no clock running on it. Skipping the step saves most of the per-agent cost
+    of a tick for a fleet of idle agents; the result would be the state it already has."""
+    state, limits = agent.state, agent.limits
+    return (
+        mb is not None
+        and mb == state.current_mb
+        and state.level is Level.OK
+        and state.ending is None
+        and limits.timeout_s is None
+        and limits.predict_s is None
+    )
 
 
 def _zombie_children(agent_pids: set[int]) -> list[int]:
