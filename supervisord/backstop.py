@@ -73,28 +73,33 @@ class Backstop:
         on_oom: Callable[[float], None],
     ) -> None:
         """Until cancelled: wake the sampler at ``max_mb``, report the ceiling being hit."""
-        term_fd = cgroup.threshold_eventfd(mb_to_bytes(max_mb))
-        oom_fd = cgroup.oom_eventfd()
+        fds: list[int] = []
 
-        async def threshold() -> None:
+        async def oom(fd: int) -> None:
             while True:
-                await anyio.wait_readable(term_fd)
-                drain(term_fd)
-                on_threshold()
-
-        async def oom() -> None:
-            while True:
-                await anyio.wait_readable(oom_fd)
-                drain(oom_fd)
+                await anyio.wait_readable(fd)
+                drain(fd)
                 if cgroup.under_oom() or cgroup.oom_killed():
                     on_oom(cgroup.usage_bytes() / MIB)
 
+        async def threshold() -> None:
+            # Registering a usage threshold costs the kernel ~10 ms (v1): off the event loop,
+            # and shielded so a cancellation cannot drop the descriptor on the floor.
+            with anyio.CancelScope(shield=True):
+                fd = await anyio.to_thread.run_sync(cgroup.threshold_eventfd, mb_to_bytes(max_mb))
+                fds.append(fd)
+            while True:
+                await anyio.wait_readable(fd)
+                drain(fd)
+                on_threshold()
+
         try:
+            fds.append(cgroup.oom_eventfd())
             async with anyio.create_task_group() as tg:
+                tg.start_soon(oom, fds[0])
                 tg.start_soon(threshold)
-                tg.start_soon(oom)
         finally:
-            for fd in (term_fd, oom_fd):
+            for fd in fds:
                 with suppress(OSError):
                     os.close(fd)
 

@@ -45,10 +45,10 @@ def save(path: Path, daemon_pid: int, agents: list[dict[str, Any]]) -> None:
     """Write the state (agents as ``as_dict`` made them); blocks: call it from a thread."""
     document = {"version": STATE_VERSION, "daemon_pid": daemon_pid, "agents": agents}
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    # No fsync: the file must survive the daemon's crash, which the page cache does; after
+    # the machine's crash there is no agent left to re-adopt anyway. The rename keeps it whole.
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(document, f, separators=(",", ":"))
-        f.flush()
-        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
