@@ -11,12 +11,13 @@ import math
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import suppress
 from datetime import UTC, datetime
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import structlog
 from anyio.abc import TaskGroup, TaskStatus
 
@@ -39,6 +40,7 @@ log = structlog.get_logger("supervisord.supervisor")
 PERSIST_INTERVAL_S = 1.0
 SIGNAL_RECHECK_S = 0.1
 DISCOVERY_INTERVAL_S = 30.0
+APPLY_BATCH = 50
 
 
 class Supervisor:
@@ -303,11 +305,7 @@ class Supervisor:
         self.last_sample_s = time.perf_counter() - started
         self.full_scans += 1
         self.last_scan = result
-        now = self.clock()
-        for agent_id, tree in result.trees.items():
-            agent = self.agents.get(agent_id)
-            if agent is not None:
-                self._apply_sample(agent, tree, now)
+        await self._apply_all(result.trees)
         if self.reap_orphans:
             _reap(result.orphan_zombies)
 
@@ -318,11 +316,17 @@ class Supervisor:
             self._sampler.sample_fast, roots, limiter=self._limiter
         )
         self.fast_samples += 1
+        await self._apply_all(trees)
+
+    async def _apply_all(self, trees: Mapping[str, TreeSample]) -> None:
         now = self.clock()
-        for agent_id, tree in trees.items():
+        for n, (agent_id, tree) in enumerate(trees.items(), 1):
             agent = self.agents.get(agent_id)
             if agent is not None:
                 self._apply_sample(agent, tree, now)
+            if n % APPLY_BATCH == 0:
+                # Hundreds of agents in one tick: let waiting clients in between batches.
+                await anyio.lowlevel.checkpoint()
 
     def _root(self, agent: Agent) -> Root:
         limits = agent.limits
