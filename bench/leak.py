@@ -201,22 +201,8 @@ def _daemon_run(
     alerts = [a for a in daemon.alerts() if a.get("subprocess_id") == subprocess_id]
     terms = sorted(parse_utc(a["ts"]) for a in alerts if a.get("event") == "sigterm_sent")
     alerts_mb = [float(a["current_mb"]) for a in alerts if "current_mb" in a]
-    return Run(
-        supervisor=who,
-        rate=rate,
-        shape=shape,
-        rep=rep,
-        limit_mb=limit,
-        cap_mb=cap,
-        pid=pid,
-        **_crossing(seen, limit, terms[0] if terms else None, alerts_mb),
-        t_sigterm=min(terms) if terms else None,
-        t_gone=seen["t_gone"],
-        achieved_rate_mb_s=seen["rate_mb_s"],
-        killed_by_observer=seen["killed_by_observer"],
-        supervisor_saw_mb=alerts_mb,
-        observer=_fidelity(seen),
-    )
+    t_sigterm = min(terms) if terms else None
+    return _run(who, rate, shape, rep, limit, cap, pid, seen, t_sigterm, alerts_mb)
 
 
 def _peer_run(
@@ -229,20 +215,35 @@ def _peer_run(
         sup.stop()
         t_sigterm = sup.sigterm_time(pid)
         saw = sup.memmon_readings()
+    return _run(MEMMON, rate, shape, rep, limit, cap, pid, seen, t_sigterm, saw)
+
+
+def _run(
+    who: str,
+    rate: int,
+    shape: str,
+    rep: int,
+    limit: float,
+    cap: int,
+    pid: int,
+    seen: dict[str, Any],
+    t_sigterm: float | None,
+    saw_mb: list[float],
+) -> Run:
     return Run(
-        supervisor=MEMMON,
+        supervisor=who,
         rate=rate,
         shape=shape,
         rep=rep,
         limit_mb=limit,
         cap_mb=cap,
         pid=pid,
-        **_crossing(seen, limit, t_sigterm, saw),
+        **_crossing(seen, limit, t_sigterm, saw_mb),
         t_sigterm=t_sigterm,
         t_gone=seen["t_gone"],
         achieved_rate_mb_s=seen["rate_mb_s"],
         killed_by_observer=seen["killed_by_observer"],
-        supervisor_saw_mb=saw,
+        supervisor_saw_mb=saw_mb,
         observer=_fidelity(seen),
     )
 
