@@ -227,6 +227,8 @@ class Daemon:
         return resolve_socket(self.home)
 
     def start(self, timeout_s: float = 20.0) -> Self:
+        if self.proc is not None and self.proc.poll() is None:
+            return self  # `with Daemon(...).start()` must not start a second one
         self.home.config_file.parent.mkdir(parents=True, exist_ok=True)
         document = {"memory": self.memory, **self.sections}
         self.home.config_file.write_text(tomli_w.dumps(document))

@@ -110,8 +110,10 @@ class Backstop:
             log.warning("cgroup_remove_failed", path=str(cgroup.path))
 
     def close(self) -> None:
-        """At daemon exit: remove the daemon's group if no agent is left in it."""
+        """At daemon exit: remove emptied agent groups (a removal still in flight when the
+        daemon stopped, say), then the daemon's group if no agent is left in it."""
         with suppress(CgroupError, OSError):
+            self.manager.cleanup_leftovers(())
             self.manager.remove()
 
     def status(self) -> dict[str, Any]:

@@ -142,6 +142,10 @@ class Supervisor:
         for record in records:
             child = launcher.adopt(record.pid, record.start)
             if child is None:
+                if self.backstop is not None and (
+                    gone := self.backstop.adopt(record.subprocess_id)
+                ):
+                    self._retire_later(gone)
                 lost = lost_record(record)
                 self.eventlog.stats.write(lost)
                 self.bus.publish({"type": "exit", **lost})
@@ -157,6 +161,11 @@ class Supervisor:
             self._sampler.remember(agent.id, agent.members)
             self._register(agent)
             log.info("agent_adopted", subprocess_id=agent.id, pid=child.pid)
+
+    def _retire_later(self, cgroup: AgentCgroup) -> None:
+        """Remove an agent's cgroup once the kernel lets go of it (off the event loop)."""
+        if self.backstop is not None and self._tg is not None:
+            self._tg.start_soon(self.backstop.retire, cgroup)
 
     def _register(self, agent: Agent) -> None:
         assert self._tg is not None, "Supervisor.run() must be started first"
@@ -529,8 +538,8 @@ class Supervisor:
         self._sampler.forget(agent.id)
         if agent.cgroup_scope is not None:
             agent.cgroup_scope.cancel()
-        if self.backstop is not None and agent.cgroup is not None and self._tg is not None:
-            self._tg.start_soon(self.backstop.retire, agent.cgroup)
+        if agent.cgroup is not None:
+            self._retire_later(agent.cgroup)
         self.persist(force=True)
         if agent.signalled_at is not None:
             record_event = {**record, "term_to_gone_s": round(now - agent.signalled_at, 4)}
