@@ -147,6 +147,10 @@ async def bind_listener(
     return listener, lambda: _unlink_if_ours(path, inode)
 
 
+def _nothing() -> None:
+    """Releasing an inherited socket: systemd's file, left alone."""
+
+
 def _clear_stale(path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     with suppress(FileNotFoundError):
@@ -176,7 +180,7 @@ async def serve(
         prepare_home(home, socket_group(config))
         acquire_lock(home, stack)
         socket_path = home.socket_path(config.daemon.socket)
-        release_socket: Callable[[], None] = lambda: None  # noqa: E731
+        release_socket: Callable[[], None] = _nothing
         if inherited is not None:
             # systemd owns an inherited socket's file: neither bind, chmod nor unlink it here.
             listener: SocketListener = await SocketListener.from_socket(inherited)

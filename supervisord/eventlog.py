@@ -38,6 +38,7 @@ class JsonLinesLog:
         self.max_bytes = max_bytes
         self.backups = backups
         self._fd: int | None = None
+        self.failures = 0
         self._inode: tuple[int, int] | None = None
 
     def write(self, record: Mapping[str, Any]) -> None:
@@ -45,10 +46,17 @@ class JsonLinesLog:
 
     def write_line(self, line: str) -> None:
         data = (line + "\n").encode()
-        fd = self._ensure_open()
-        if self.max_bytes and os.fstat(fd).st_size + len(data) > self.max_bytes:
-            fd = self._rotate()
-        os.write(fd, data)
+        try:
+            fd = self._ensure_open()
+            if self.max_bytes and os.fstat(fd).st_size + len(data) > self.max_bytes:
+                fd = self._rotate()
+            os.write(fd, data)
+        except OSError as exc:
+            # A full disk or an unwritable log directory must not stop enforcement: the
+            # record goes to stderr (the journal, under systemd) and the next one tries again.
+            self.close()
+            self.failures += 1
+            sys.stderr.write(f"cannot write {self.path}: {exc.strerror or exc}: {line}\n")
 
     def close(self) -> None:
         if self._fd is not None:

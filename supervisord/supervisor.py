@@ -25,14 +25,14 @@ from supervisord import cadence, enforcer, launcher, launchplan, policy, procfs,
 from supervisord.agent import Agent, lost_record
 from supervisord.backstop import Backstop
 from supervisord.bus import Broadcaster
-from supervisord.cgroup import AgentCgroup
+from supervisord.cgroup import AgentCgroup, CgroupError
 from supervisord.config import Config, Limits
 from supervisord.errors import LaunchError, LaunchRefused, NotFoundError, SupervisordError
 from supervisord.eventlog import EventLog, timestamps
 from supervisord.events import Action, Alert, AlertEvent, EndReason, Level, Signal
 from supervisord.home import Home
 from supervisord.launchplan import LaunchRequest
-from supervisord.sampler import Root, Sampler, ScanResult, TreeSample
+from supervisord.sampler import Root, Sampler, TreeSample
 from supervisord.state import AgentRecord
 from supervisord.sysmem import MIB, system_memory
 
@@ -65,7 +65,6 @@ class Supervisor:
         self.reap_orphans = reap_orphans
         self.on_tick = on_tick
         self.agents: dict[str, Agent] = {}
-        self.last_scan: ScanResult | None = None
         self._sampler = Sampler()
         self._limiter = anyio.CapacityLimiter(1)
         self._wake = anyio.Event()
@@ -313,7 +312,6 @@ class Supervisor:
         result = await anyio.to_thread.run_sync(self._sampler.sample, roots, limiter=self._limiter)
         self.last_sample_s = time.perf_counter() - started
         self.full_scans += 1
-        self.last_scan = result
         await self._apply_all(result.trees)
         if self.reap_orphans:
             _reap(result.orphan_zombies)
@@ -432,7 +430,13 @@ class Supervisor:
 
         with anyio.CancelScope() as scope:
             agent.cgroup_scope = scope
-            await backstop.watch(cgroup, agent.limits.max_mb, at_threshold, at_ceiling)
+            try:
+                await backstop.watch(cgroup, agent.limits.max_mb, at_threshold, at_ceiling)
+            except* (CgroupError, OSError) as group:
+                # The group went away under us (an agent that ended at once, its group
+                # already removed): one agent's watcher, never the daemon. Polling carries on.
+                errors = [str(exc) for exc in group.exceptions]
+                log.warning("cgroup_watch_failed", subprocess_id=agent.id, errors=errors)
 
     async def _stop_quietly(self, subprocess_id: str, reason: EndReason) -> None:
         with suppress(NotFoundError):  # It may have ended on its own meanwhile.

@@ -273,3 +273,17 @@ async def test_ceiling_reached_during_the_grace_kills_at_once(home: Home) -> Non
     assert record["reason"] == "memory_limit"
     assert events.alerts_of(sid)[-2:] == ["sigterm_sent", "oom_kill"]
     assert record["memory_stats"]["cgroup_peak_mb"] <= 220.0
+
+
+async def test_agents_that_end_at_once_never_take_the_daemon_down(daemon: DaemonProcess) -> None:
+    """An agent gone before its cgroup watchers are armed (its group may be removed first)
+    costs at most that agent's watcher: every record is written and the daemon answers."""
+    async with daemon.async_client() as client, daemon.async_client() as sub:
+        events = await Events(sub).start()
+        sids = [await launch(client, "instant", ["/bin/true"]) for _ in range(20)]
+        for sid in sids:
+            record = await events.exit_of(sid, timeout_s=20)
+            assert (record["reason"], record["exit_code"]) == ("exited", 0)
+        assert await client.ping()
+    assert daemon.proc is not None
+    assert daemon.proc.poll() is None

@@ -153,3 +153,18 @@ async def test_logs_follow_ends_when_the_agent_ends(daemon: DaemonProcess) -> No
     _, err = missing.communicate(timeout=30)
     assert missing.returncode == 1
     assert "no output log" in err
+
+
+def test_an_unwritable_log_costs_the_record_not_the_writer(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    blocker = tmp_path / "logs"
+    blocker.write_text("a file where the log directory should be")
+    log = JsonLinesLog(blocker / "memory" / "a.log", max_bytes=0, backups=0)
+    log.write({"n": 1})  # must not raise
+    assert log.failures == 1
+    assert '{"n": 1}' in capsys.readouterr().err
+    blocker.unlink()
+    log.write({"n": 2})
+    log.close()
+    assert read_jsonl(blocker / "memory" / "a.log") == [{"n": 2}]
