@@ -24,8 +24,8 @@ from typing import Any, Literal, Self
 
 import tomli_w
 
-from supervisord.client import AsyncClient, Client, resolve_socket
-from supervisord.home import Home
+from supervisord.config.home import Home
+from supervisord.control.client import AsyncClient, Client, resolve_socket
 
 REPO = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable

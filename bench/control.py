@@ -34,7 +34,7 @@ from bench.common import (
 )
 from bench.idle_tree import COMMAND, wait_complete
 from bench.overhead import MEMORY
-from supervisord.client import AsyncClient, Client
+from supervisord.control.client import AsyncClient, Client
 
 STATUS_P99_TARGET_MS = 10.0
 RPS_TARGET = 2000.0

@@ -16,7 +16,7 @@ import sys
 from typing import Any
 
 from bench.common import kill_group, start_time, wait_until
-from supervisord.client import Client
+from supervisord.control.client import Client
 
 COMMAND: tuple[str, ...] = ("sh", "-c", "sleep 100000 & sleep 100000 & wait")
 PROCESSES_PER_TREE = 3

@@ -31,8 +31,8 @@ from bench.common import (
     wait_until,
 )
 from bench.observer import Observer
-from supervisord.client import Client
-from supervisord.errors import NotFoundError
+from supervisord.control.client import Client
+from supervisord.core.errors import NotFoundError
 
 SHAPES = ("process", "tree")
 

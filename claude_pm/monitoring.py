@@ -1,4 +1,4 @@
-"""The guide's ``claude_pm.monitoring`` API, as thin wrappers over :mod:`supervisord.client`.
+"""The guide's ``claude_pm.monitoring`` API: thin wrappers over ``supervisord.control.client``.
 
 Everything answers with no daemon running: system memory is read locally, the daemon is
 reported absent, and there are simply no subprocesses to report.
@@ -10,11 +10,12 @@ from typing import Any
 
 import psutil
 
-from supervisord.client import Client, resolve_socket
-from supervisord.errors import DaemonNotRunning, NotFoundError
-from supervisord.home import Home, find_home
-from supervisord.reports import iter_records
-from supervisord.sysmem import MIB, system_memory
+from supervisord.config.home import Home, find_home
+from supervisord.control.client import Client, resolve_socket
+from supervisord.core.errors import DaemonNotRunning, NotFoundError
+from supervisord.core.units import MIB
+from supervisord.host.sysmem import system_memory
+from supervisord.observe.logread import iter_records
 
 
 def _client() -> Client:

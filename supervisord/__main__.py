@@ -1,3 +1,3 @@
-from supervisord.cli import main
+from supervisord.cli.main import main
 
 raise SystemExit(main())

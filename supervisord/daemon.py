@@ -23,16 +23,20 @@ import anyio
 import structlog
 from anyio.abc import SocketListener, TaskStatus
 
-from supervisord import __version__, metrics, state, webhooks
-from supervisord.backstop import Backstop
-from supervisord.cgroup import detect, group_name
-from supervisord.commands import Commands
-from supervisord.config import ENV_VARIABLES, Config, load_config
-from supervisord.errors import ConfigError, DaemonAlreadyRunning
-from supervisord.eventlog import EventLog, timestamps
-from supervisord.home import Home
-from supervisord.server import ControlServer
-from supervisord.supervisor import Supervisor
+from supervisord import __version__
+from supervisord.config.home import Home
+from supervisord.config.settings import ENV_VARIABLES, Config, load_config
+from supervisord.control.commands import Commands
+from supervisord.control.server import ControlServer
+from supervisord.core.clock import timestamps
+from supervisord.core.errors import ConfigError, DaemonAlreadyRunning
+from supervisord.core.records import AgentRecord
+from supervisord.host import statefile
+from supervisord.host.cgroup.backstop import Backstop
+from supervisord.host.cgroup.detect import detect, group_name
+from supervisord.observe import metrics_http, webhooks
+from supervisord.observe.eventlog import EventLog
+from supervisord.supervise.supervisor import Supervisor
 
 log = structlog.get_logger("supervisord.daemon")
 
@@ -179,28 +183,17 @@ async def serve(
     with ExitStack() as stack:
         prepare_home(home, socket_group(config))
         acquire_lock(home, stack)
-        socket_path = home.socket_path(config.daemon.socket)
-        release_socket: Callable[[], None] = _nothing
-        if inherited is not None:
-            # systemd owns an inherited socket's file: neither bind, chmod nor unlink it here.
-            listener: SocketListener = await SocketListener.from_socket(inherited)
-            socket_path = Path(inherited.getsockname())
-        else:
-            listener, release_socket = await bind_listener(socket_path, stack, socket_group(config))
+        listener, socket_path, release_socket = await _listen(config, home, inherited, stack)
         home.pid_file.write_text(f"{os.getpid()}\n")
         stack.callback(home.pid_file.unlink, missing_ok=True)
         eventlog = EventLog(home, config.daemon.log_max_bytes, config.daemon.log_backups)
         stack.callback(eventlog.close)
-        backstop, cgroup_status = open_backstop(config, home, state.load(home.state_file)[0])
+        records, problems = statefile.load(home.state_file)
+        backstop, cgroup_status = open_backstop(config, home, records)
         if backstop is not None:
             stack.callback(backstop.close)
         supervisor = Supervisor(
-            config,
-            home,
-            eventlog,
-            reap_orphans=reap_orphans,
-            on_tick=on_tick,
-            backstop=backstop,
+            config, home, eventlog, reap_orphans=reap_orphans, on_tick=on_tick, backstop=backstop
         )
         supervisor.cgroup_status = cgroup_status
         daemon = Daemon(
@@ -210,15 +203,14 @@ async def serve(
             socket_path=socket_path,
             supervisor=supervisor,
         )
-        server = ControlServer(Commands(supervisor, daemon), config.daemon)
+        server = ControlServer(Commands(supervisor, daemon), config.daemon, supervisor.bus)
         async with anyio.create_task_group() as tg:
             # Observers subscribe to the bus before any agent (a re-adopted one included) can
             # publish; a metrics address that cannot be bound fails the start, with its key.
             if config.metrics.listen is not None:
-                await tg.start(metrics.serve, supervisor, config.metrics)
+                await tg.start(metrics_http.serve, supervisor, config.metrics)
             await tg.start(webhooks.serve, supervisor)
             await tg.start(supervisor.run)
-            records, problems = state.load(home.state_file)
             for problem in problems:
                 log.error("state_unreadable", problem=problem)
             supervisor.adopt(records)
@@ -234,25 +226,40 @@ async def serve(
             )
             task_status.started(socket_path)
             await daemon.shutdown.wait()
-            # Clients (and `claude-pm init`) see no daemon from now on; the lock stays held
-            # until every agent is stopped, so a new daemon waits for this one to finish.
-            await server.stop_accepting()
-            release_socket()
-            log.info(
-                "daemon_stopping", agents=len(supervisor.agents), leave_agents=daemon.leave_agents
-            )
-            if not daemon.leave_agents:
-                with anyio.CancelScope(shield=True):
-                    await supervisor.stop_all()
-            # With --leave-agents this keeps them in run/state.json for the next daemon.
-            with anyio.CancelScope(shield=True):
-                await supervisor.write_state()
+            await _stop(daemon, server, release_socket)
             tg.cancel_scope.cancel()
         log.info("daemon_stopped")
 
 
+async def _listen(
+    config: Config, home: Home, inherited: socket.socket | None, stack: ExitStack
+) -> tuple[SocketListener, Path, Callable[[], None]]:
+    """The control socket: systemd's (whose file is left alone), or one bound here."""
+    if inherited is not None:
+        # systemd owns an inherited socket's file: neither bind, chmod nor unlink it here.
+        listener: SocketListener = await SocketListener.from_socket(inherited)
+        return listener, Path(inherited.getsockname()), _nothing
+    socket_path = home.socket_path(config.daemon.socket)
+    listener, release = await bind_listener(socket_path, stack, socket_group(config))
+    return listener, socket_path, release
+
+
+async def _stop(daemon: Daemon, server: ControlServer, release_socket: Callable[[], None]) -> None:
+    """Clients (and `claude-pm init`) see no daemon from now on; the lock stays held until
+    every agent is stopped, so a new daemon waits for this one to finish."""
+    supervisor = daemon.supervisor
+    await server.stop_accepting()
+    release_socket()
+    log.info("daemon_stopping", agents=len(supervisor.agents), leave_agents=daemon.leave_agents)
+    with anyio.CancelScope(shield=True):
+        if not daemon.leave_agents:
+            await supervisor.stop_all()
+        # With --leave-agents this keeps them in run/state.json for the next daemon.
+        await supervisor.state_writer.write()
+
+
 def open_backstop(
-    config: Config, home: Home, records: list[state.AgentRecord]
+    config: Config, home: Home, records: list[AgentRecord]
 ) -> tuple[Backstop | None, dict[str, Any]]:
     """Per-agent memory cgroups, where the daemon may create them (``[cgroup] mode``).
 

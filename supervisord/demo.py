@@ -23,9 +23,10 @@ from typing import Any
 
 import tomli_w
 
-from supervisord import background, render
-from supervisord.client import Client, resolve_socket
-from supervisord.home import Home
+from supervisord.cli import render
+from supervisord.config.home import Home
+from supervisord.control import background
+from supervisord.control.client import Client, resolve_socket
 
 LIMITS = {
     "warning_mb": 100,

@@ -18,10 +18,11 @@ from pathlib import Path
 import anyio
 import structlog
 
-from supervisord import daemon, sdnotify
-from supervisord.config import Config, load_config
-from supervisord.eventlog import configure_daemon_log
-from supervisord.home import Home, find_home
+from supervisord import daemon
+from supervisord.config.home import Home, find_home
+from supervisord.config.settings import Config, load_config
+from supervisord.host import sdnotify
+from supervisord.observe.eventlog import configure_daemon_log
 
 PR_SET_CHILD_SUBREAPER = 36
 FD_LIMIT = 65536

@@ -14,7 +14,8 @@ import signal
 import sys
 import time
 
-MIB = 1024 * 1024
+from supervisord.core.units import MIB
+
 PAGE = 4096
 TICK_S = 0.01
 

@@ -17,9 +17,9 @@ import anyio
 import pytest
 import tomli_w
 
-from supervisord.client import AsyncClient, Client
-from supervisord.config import ENV_VARIABLES
-from supervisord.home import Home
+from supervisord.config.home import Home
+from supervisord.config.settings import ENV_VARIABLES
+from supervisord.control.client import AsyncClient, Client
 
 AGENTS = Path(__file__).parent / "agents"
 PYTHON = sys.executable

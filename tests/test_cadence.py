@@ -6,9 +6,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from supervisord import cadence
-from supervisord.cadence import Growth
-from supervisord.config import Limits
+from supervisord.core import cadence
+from supervisord.core.cadence import Growth
+from supervisord.core.limits import Limits
 
 LIMITS = Limits(warning_mb=1024, critical_mb=2048, max_mb=4096)
 FLOOR, INTERVAL = 0.05, 2.0

@@ -1,4 +1,4 @@
-"""The kernel backstop (supervisord.cgroup): real cgroup v1 tests with real processes, the
+"""The kernel backstop (supervisord.host.cgroup): real cgroup v1 tests with real processes, the
 v2 file protocol against a directory laid out like cgroupfs, and detection.
 
 The v1 tests need root and the v1 memory hierarchy at /sys/fs/cgroup/memory; they skip only
@@ -28,20 +28,12 @@ from typing import ClassVar
 import anyio
 import pytest
 
-from supervisord import cgroup_base
-from supervisord.cgroup import (
-    MIB,
-    AgentCgroup,
-    CgroupManager,
-    CgroupSettings,
-    CgroupUnavailable,
-    detect,
-    drain,
-    group_name,
-    mb_to_bytes,
-)
-from supervisord.cgroup_base import SHIM_FAILED_EXIT
-from supervisord.errors import ConfigError
+from supervisord.config.cgroup import CgroupSettings
+from supervisord.core.errors import CgroupError, CgroupUnavailable, ConfigError
+from supervisord.core.units import MIB, mb_to_bytes
+from supervisord.host.cgroup import base as cgroup_base
+from supervisord.host.cgroup.base import SHIM_FAILED_EXIT, AgentCgroup, CgroupManager, drain
+from supervisord.host.cgroup.detect import detect, group_name
 
 V1_MOUNT = Path("/sys/fs/cgroup/memory")
 AGENTS = Path(__file__).parent / "agents"
@@ -537,7 +529,7 @@ def test_v1_create_refuses_an_occupied_leftover(v1: CgroupManager, procs: Proces
     deadline = time.monotonic() + 5
     while sleeper.pid not in group.pids() and time.monotonic() < deadline:
         time.sleep(0.005)
-    with pytest.raises(cgroup_base.CgroupError, match="exists and has processes"):
+    with pytest.raises(CgroupError, match="exists and has processes"):
         v1.create(subprocess_id, CEILING)
     assert group.kill()
     # An empty leftover of the same id is reused, with its ceiling set anew.

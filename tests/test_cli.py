@@ -18,8 +18,8 @@ from typing import Any
 
 import pytest
 
-from supervisord.config import load_config
-from supervisord.home import HOME_DIRNAME, Home
+from supervisord.config.home import HOME_DIRNAME, Home
+from supervisord.config.settings import load_config
 from tests.conftest import TEST_MEMORY, alive, simagent, write_config
 
 SUBPROCESS_ID = re.compile(r"^[a-z][a-z0-9-]*_[0-9a-f]{12}$")

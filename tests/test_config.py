@@ -9,16 +9,11 @@ from typing import Any
 import pytest
 import tomli_w
 
-from supervisord.client import resolve_socket
-from supervisord.config import (
-    Config,
-    Limits,
-    load_config,
-    parse_config,
-    write_default_config,
-)
-from supervisord.errors import ConfigError
-from supervisord.home import MAX_SOCKET_PATH_BYTES, Home, find_home
+from supervisord.config.home import MAX_SOCKET_PATH_BYTES, Home, find_home
+from supervisord.config.settings import Config, load_config, parse_config, write_default_config
+from supervisord.control.client import resolve_socket
+from supervisord.core.errors import ConfigError
+from supervisord.core.limits import Limits
 
 REPO = Path(__file__).resolve().parent.parent
 PROFILES = sorted((REPO / "config").glob("*.toml"))
@@ -579,8 +574,12 @@ def test_configured_socket_is_used_by_both_sides(tmp_path: Path) -> None:
     write(home.config_file, {"daemon": {"socket": "custom.sock"}})
     assert resolve_socket(home) == home.root / "custom.sock"
     assert home.socket_path("/run/x.sock") == Path("/run/x.sock")
-    # A config the daemon would refuse: the client falls back to the default path.
+    # Only [daemon] socket is read: a typo elsewhere (made after the daemon started on the
+    # file, say) does not send clients to the wrong socket.
     write(home.config_file, {"daemon": {"socket": "custom.sock"}, "memory": {"warn_mb": 1}})
+    assert resolve_socket(home) == home.root / "custom.sock"
+    # A file that is not TOML names no socket: the default path.
+    home.config_file.write_text("[daemon\nsocket = 'custom.sock'\n")
     assert resolve_socket(home) == home.socket_path()
 
 

@@ -9,10 +9,10 @@ from pathlib import Path
 import anyio
 import pytest
 
-from supervisord import procfs
-from supervisord.client import AsyncClient
-from supervisord.errors import RemoteError
-from supervisord.home import Home
+from supervisord.config.home import Home
+from supervisord.control.client import AsyncClient
+from supervisord.core.errors import RemoteError
+from supervisord.host import procfs
 from tests.conftest import (
     TEST_MEMORY,
     DaemonProcess,

@@ -27,9 +27,9 @@ from typing import Any
 
 import pytest
 
-from supervisord.client import Client
-from supervisord.config import ENV_VARIABLES
-from supervisord.home import Home
+from supervisord.config.home import Home
+from supervisord.config.settings import ENV_VARIABLES
+from supervisord.control.client import Client
 from tests.conftest import alive, read_jsonl, simagent, write_config
 from tests.guide import GUIDE, SEED, block, heredocs, python_c_commands, shell_lines, under
 
@@ -189,8 +189,8 @@ def test_monitor_active_subprocesses(scenario: Scenario) -> None:
 def test_configuration_examples_are_valid(scenario: Scenario, heading: str) -> None:
     exports = block(heading).text
     check = (
-        "claude-pm init --no-start >/dev/null && python -c 'from supervisord.config import "
-        "load_config; from pathlib import Path; "
+        "claude-pm init --no-start >/dev/null && python -c "
+        "'from supervisord.config.settings import load_config; from pathlib import Path; "
         'print(load_config(Path(".claude-pm/config/supervisord.toml")).limits.max_mb)\''
     )
     out = scenario.run(exports + check).stdout

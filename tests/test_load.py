@@ -10,7 +10,7 @@ import time
 import anyio
 import pytest
 
-from supervisord.client import AsyncClient
+from supervisord.control.client import AsyncClient
 from tests.conftest import DaemonProcess, Events, simagent
 
 pytestmark = pytest.mark.anyio

@@ -12,8 +12,8 @@ from pathlib import Path
 import anyio
 import pytest
 
-from supervisord.eventlog import JsonLinesLog
-from supervisord.home import Home
+from supervisord.config.home import Home
+from supervisord.observe.eventlog import JsonLinesLog
 from tests.conftest import DaemonProcess, Events, read_jsonl, simagent, wait_output, write_config
 
 pytestmark = pytest.mark.anyio

@@ -19,13 +19,17 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from supervisord.bus import Broadcaster
-from supervisord.config import Config, load_config
-from supervisord.config_observe import MetricsSettings
-from supervisord.errors import ConfigError
-from supervisord.home import Home
-from supervisord.metrics import Metrics, MetricsServer, follow
-from supervisord.sysmem import SystemMemory
+from supervisord.config.home import Home
+from supervisord.config.observe import MetricsSettings
+from supervisord.config.settings import Config, load_config
+from supervisord.core.errors import ConfigError
+from supervisord.core.events import Event
+from supervisord.core.kinds import AlertKind
+from supervisord.host.sysmem import SystemMemory
+from supervisord.observe.metrics import Metrics, follow
+from supervisord.observe.metrics_http import MetricsServer
+from supervisord.supervise.bus import Broadcaster
+from tests import typed_events as ev
 from tests.conftest import DaemonProcess, Events, simagent, write_config
 
 pytestmark = pytest.mark.anyio
@@ -78,7 +82,7 @@ def names_with_label(text: str, label: str, value_: str) -> set[str]:
 class FakeSupervisor:
     """What the metrics read of a supervisor, with agents a test sets."""
 
-    bus: Broadcaster = field(default_factory=Broadcaster)
+    bus: Broadcaster[Event] = field(default_factory=Broadcaster)
     config: Config = field(default_factory=Config)
     agents: list[dict[str, Any]] = field(default_factory=list)
     last_sample_s: float = 0.004
@@ -92,44 +96,21 @@ class FakeSupervisor:
 
 async def test_bus_events_drive_counters_and_the_latency_histogram() -> None:
     metrics = Metrics()
-    bus = Broadcaster()
+    bus: Broadcaster[Event] = Broadcaster()
     sid = "hog_0123456789ab"
     async with anyio.create_task_group() as tg:
         await tg.start(follow, metrics, bus)
-        bus.publish({"type": "launch", "subprocess_id": sid, "agent_type": "hog"})
-        for event, level in (("memory_warning", "WARNING"), ("memory_critical", "CRITICAL")):
-            bus.publish({"type": "alert", "event": event, "level": level, "agent_type": "hog"})
-        signal_alert = {
-            "type": "alert",
-            "level": "CRITICAL",
-            "subprocess_id": sid,
-            "agent_type": "hog",
-            "crossed_to_term_s": 0.04,
-        }
-        bus.publish({**signal_alert, "event": "sigterm_sent"})
-        bus.publish({**signal_alert, "event": "sigkill_sent"})  # after the grace: same figure
-        exit_event = {
-            "type": "exit",
-            "subprocess_id": sid,
-            "agent_type": "hog",
-            "reason": "memory_limit",
-            "signal": "SIGTERM",
-            "memory_stats": {"aborted": True},
-            "term_to_gone_s": 0.3,
-        }
-        bus.publish(exit_event)
+        bus.publish(ev.launch(sid))
+        for kind in ("memory_warning", "memory_critical"):
+            bus.publish(ev.alert(kind, sid))
+        bus.publish(ev.alert("sigterm_sent", sid, crossed_to_term_s=0.04))
+        # After the grace: SIGKILL repeats the same figure, which must not count twice.
+        bus.publish(ev.alert("sigkill_sent", sid, crossed_to_term_s=0.04))
+        bus.publish(ev.exit_(sid, "memory_limit", term_to_gone_s=0.3))
         # With term_grace_s = 0 the first signal is SIGKILL, and it carries the crossing time.
-        bus.publish(
-            {
-                **signal_alert,
-                "event": "sigkill_sent",
-                "subprocess_id": "k_1",
-                "crossed_to_term_s": 0.2,
-            }
-        )
+        bus.publish(ev.alert("sigkill_sent", "k_1", crossed_to_term_s=0.2))
         # An agent that ended on its own: counted as finished, never as a kill; no latency.
-        ended = {k: v for k, v in exit_event.items() if k != "term_to_gone_s"}
-        bus.publish({**ended, "reason": "exited", "memory_stats": {"aborted": False}})
+        bus.publish(ev.exit_(sid, "exited"))
         with anyio.fail_after(5):
             while (
                 value(
@@ -182,7 +163,7 @@ def test_an_ended_agents_series_are_removed() -> None:
     assert value(text, "claude_pm_sample_duration_seconds") == 0.003
 
     # An exit event removes the agent at once; a snapshot without it does too.
-    metrics.observe({"type": "exit", "subprocess_id": a["subprocess_id"], "agent_type": "eng"})
+    metrics.observe(ev.exit_(a["subprocess_id"], agent_type="eng"))
     text = metrics.render().decode()
     assert names_with_label(text, "subprocess_id", a["subprocess_id"]) == set()
     assert names_with_label(text, "subprocess_id", b["subprocess_id"])
@@ -194,15 +175,7 @@ def test_an_ended_agents_series_are_removed() -> None:
     for n in range(300):
         sid = f"churn_{n:012x}"
         metrics.refresh([agent(sid, float(n))], SYSTEM)
-        metrics.observe(
-            {
-                "type": "exit",
-                "subprocess_id": sid,
-                "agent_type": "churn",
-                "reason": "exited",
-                "memory_stats": {"aborted": False},
-            }
-        )
+        metrics.observe(ev.exit_(sid, "exited"))
         sizes.append(len(metrics.render().splitlines()))
     assert len(set(sizes)) == 1
     after = metrics.render().decode()
@@ -321,20 +294,9 @@ def promtool(*args: str, stdin: bytes | None = None) -> subprocess.CompletedProc
 def busy_metrics(*, guide_names: bool) -> Metrics:
     metrics = Metrics(guide_names=guide_names)
     metrics.refresh([agent("eng_aaaaaaaaaaaa", 12.0), agent("qa_bbbbbbbbbbbb", 99.0)], SYSTEM)
-    metrics.observe({"type": "launch", "agent_type": "eng"})
-    metrics.observe(
-        {"type": "alert", "event": "sigterm_sent", "level": "CRITICAL", "crossed_to_term_s": 0.1}
-    )
-    metrics.observe(
-        {
-            "type": "exit",
-            "subprocess_id": "x",
-            "agent_type": "eng",
-            "reason": "timeout",
-            "memory_stats": {"aborted": True},
-            "term_to_gone_s": 1.0,
-        }
-    )
+    metrics.observe(ev.launch("eng_cccccccccccc"))
+    metrics.observe(ev.alert("sigterm_sent", crossed_to_term_s=0.1))
+    metrics.observe(ev.exit_("x", "timeout", agent_type="eng", term_to_gone_s=1.0))
     return metrics
 
 
@@ -648,19 +610,21 @@ async def test_prometheus_scrapes_the_daemon(home: Home, short_tmp: Path) -> Non
         daemon.close()
 
 
-def test_term_fields_default_when_absent() -> None:
-    """Events without the lead's timing fields leave the histogram empty, not broken."""
+def test_timing_fields_are_optional_and_every_alert_and_kill_series_starts_at_zero() -> None:
+    """Events without timing figures leave the histogram empty; every alert kind and every
+    kill reason exists from the start, so increase() sees its first step from 0."""
     metrics = Metrics()
-    metrics.observe({"type": "alert", "event": "sigterm_sent", "level": "CRITICAL"})
-    metrics.observe(
-        {
-            "type": "exit",
-            "subprocess_id": "a",
-            "reason": "memory_limit",
-            "memory_stats": {"aborted": True},
-            "term_to_gone_s": "soon",
-        }
-    )
+    text = metrics.render().decode()
+    for kind in AlertKind:
+        assert value(text, "claude_pm_alerts_total", event=kind.value, level=kind.level.name) == 0
+    for reason in ("memory_limit", "timeout", "oom_killed"):
+        assert value(text, "claude_pm_kills_total", reason=reason) == 0
+    metrics.observe(ev.alert("sigterm_sent"))
+    metrics.observe(ev.exit_("a_aaaaaaaaaaaa", "memory_limit"))
     text = metrics.render().decode()
     assert value(text, "claude_pm_escalation_latency_seconds_count", phase="term_to_gone") is None
+    assert (
+        value(text, "claude_pm_escalation_latency_seconds_count", phase="crossed_to_term") is None
+    )
     assert value(text, "claude_pm_kills_total", reason="memory_limit") == 1
+    assert value(text, "claude_pm_alerts_total", event="oom_kill", level="CRITICAL") == 0

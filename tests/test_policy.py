@@ -10,15 +10,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from supervisord import policy
-from supervisord.config import Limits
-from supervisord.events import Action, Alert, AlertEvent, EndReason, Level, Signal
-from supervisord.policy import AgentState
+from supervisord.core import policy
+from supervisord.core.kinds import AlertKind, EndReason, Level
+from supervisord.core.limits import Limits
+from supervisord.core.policy import Action, AgentState, Alert, Signal
 
 LIMITS = Limits()  # warning 1024, critical 2048, max 4096, term_grace_s 5
 WARN_FLOOR = policy.HYSTERESIS * LIMITS.warning_mb  # 921.6: WARNING holds down to here
 CRIT_FLOOR = policy.HYSTERESIS * LIMITS.critical_mb  # 1843.2: CRITICAL holds down to here
-LEVEL_EVENTS = frozenset({AlertEvent.MEMORY_WARNING, AlertEvent.MEMORY_CRITICAL})
+LEVEL_EVENTS = frozenset({AlertKind.MEMORY_WARNING, AlertKind.MEMORY_CRITICAL})
 TERM = Signal(signal.SIGTERM, EndReason.MEMORY_LIMIT)
 KILL = Signal(signal.SIGKILL, EndReason.MEMORY_LIMIT)
 
@@ -35,8 +35,8 @@ def signals(actions: Sequence[Action]) -> list[Signal]:
     return [a for a in actions if isinstance(a, Signal)]
 
 
-def events(actions: Sequence[Action]) -> list[AlertEvent]:
-    return [a.event for a in alerts(actions)]
+def events(actions: Sequence[Action]) -> list[AlertKind]:
+    return [a.kind for a in alerts(actions)]
 
 
 def feed(
@@ -55,14 +55,14 @@ def feed(
 def at_warning(now: float = 0.0, mb: float = 1030.2) -> AgentState:
     state, actions = policy.step(fresh(), now, LIMITS, mb)
     assert state.level is Level.WARNING
-    assert events(actions) == [AlertEvent.MEMORY_WARNING]
+    assert events(actions) == [AlertKind.MEMORY_WARNING]
     return state
 
 
 def at_critical(now: float = 0.0, mb: float = 2107.4) -> AgentState:
     state, actions = policy.step(fresh(), now, LIMITS, mb)
     assert state.level is Level.CRITICAL
-    assert events(actions) == [AlertEvent.MEMORY_CRITICAL]
+    assert events(actions) == [AlertKind.MEMORY_CRITICAL]
     return state
 
 
@@ -84,28 +84,28 @@ def test_below_warning_stays_ok_silently(mb: float) -> None:
     [
         (
             1030.2,
-            AlertEvent.MEMORY_WARNING,
+            AlertKind.MEMORY_WARNING,
             Level.WARNING,
             1024.0,
             "WARNING: memory 1030.2 MB exceeds 1024 MB",
         ),
         (
             1024.0,
-            AlertEvent.MEMORY_WARNING,
+            AlertKind.MEMORY_WARNING,
             Level.WARNING,
             1024.0,
             "WARNING: memory 1024.0 MB exceeds 1024 MB",
         ),
         (
             2107.4,
-            AlertEvent.MEMORY_CRITICAL,
+            AlertKind.MEMORY_CRITICAL,
             Level.CRITICAL,
             2048.0,
             "CRITICAL: memory 2107.4 MB exceeds 2048 MB",
         ),
         (
             2048.0,
-            AlertEvent.MEMORY_CRITICAL,
+            AlertKind.MEMORY_CRITICAL,
             Level.CRITICAL,
             2048.0,
             "CRITICAL: memory 2048.0 MB exceeds 2048 MB",
@@ -113,12 +113,12 @@ def test_below_warning_stays_ok_silently(mb: float) -> None:
     ],
 )
 def test_entering_a_level_from_ok_alerts_once(
-    mb: float, event: AlertEvent, level: Level, threshold: float, message: str
+    mb: float, event: AlertKind, level: Level, threshold: float, message: str
 ) -> None:
     state, actions = policy.step(fresh(), 3.0, LIMITS, mb)
-    assert actions == [
-        Alert(event=event, level=level, current_mb=mb, threshold_mb=threshold, message=message)
-    ]
+    expected = Alert(kind=event, current_mb=mb, threshold_mb=threshold, message=message)
+    assert actions == [expected]
+    assert expected.level is level
     assert state.level is level
     assert state.last_alert_at == 3.0
     assert state.warnings == (message,)
@@ -130,8 +130,7 @@ def test_warning_then_critical_alerts_on_each_entry() -> None:
     state, actions = policy.step(state, 2.0, LIMITS, 2107.4)
     assert actions == [
         Alert(
-            AlertEvent.MEMORY_CRITICAL,
-            Level.CRITICAL,
+            AlertKind.MEMORY_CRITICAL,
             2107.4,
             2048.0,
             "CRITICAL: memory 2107.4 MB exceeds 2048 MB",
@@ -147,7 +146,7 @@ def test_warning_then_critical_alerts_on_each_entry() -> None:
 
 def test_jump_from_ok_to_critical_gives_one_critical_alert_only() -> None:
     state, actions = policy.step(fresh(), 0.0, LIMITS, 3000.0)
-    assert events(actions) == [AlertEvent.MEMORY_CRITICAL]
+    assert events(actions) == [AlertKind.MEMORY_CRITICAL]
     assert signals(actions) == []
     assert state.warnings == ("CRITICAL: memory 3000.0 MB exceeds 2048 MB",)
 
@@ -171,19 +170,19 @@ def test_no_duplicate_alert_on_the_next_samples(entry_mb: float, held_mb: float)
         (
             1030.2,
             1100.0,
-            AlertEvent.MEMORY_WARNING,
+            AlertKind.MEMORY_WARNING,
             "WARNING: memory 1100.0 MB exceeds 1024 MB (held)",
         ),
         (
             2107.4,
             2500.0,
-            AlertEvent.MEMORY_CRITICAL,
+            AlertKind.MEMORY_CRITICAL,
             "CRITICAL: memory 2500.0 MB exceeds 2048 MB (held)",
         ),
     ],
 )
 def test_realert_at_most_once_a_minute_while_held(
-    entry_mb: float, held_mb: float, event: AlertEvent, message: str
+    entry_mb: float, held_mb: float, event: AlertKind, message: str
 ) -> None:
     state, _ = policy.step(fresh(), 0.0, LIMITS, entry_mb)
     state, actions = policy.step(state, 59.9, LIMITS, held_mb)
@@ -191,7 +190,7 @@ def test_realert_at_most_once_a_minute_while_held(
     state, actions = policy.step(state, 60.0, LIMITS, held_mb)
     assert len(actions) == 1
     (alert,) = alerts(actions)
-    assert alert.event is event
+    assert alert.kind is event
     assert alert.message == message
     assert alert.message.endswith("(held)")
     assert alert.current_mb == held_mb
@@ -225,7 +224,7 @@ def test_warning_drops_to_ok_below_90_percent_with_recovered_alert(epsilon: floa
     assert state.last_alert_at is None
     (alert,) = actions
     assert isinstance(alert, Alert)
-    assert alert.event is AlertEvent.RECOVERED
+    assert alert.kind is AlertKind.RECOVERED
     assert alert.threshold_mb == pytest.approx(921.6)
     assert alert.current_mb == mb
     assert alert.message.startswith(f"RECOVERED: memory {mb:.1f} MB back below 921.6 MB")
@@ -268,7 +267,7 @@ def test_after_falling_to_warning_the_held_realert_comes_a_minute_after_the_last
     assert actions == []
     state, actions = policy.step(state, 60.0, LIMITS, 1500.0)
     (alert,) = alerts(actions)
-    assert alert.event is AlertEvent.MEMORY_WARNING
+    assert alert.kind is AlertKind.MEMORY_WARNING
     assert alert.level is Level.WARNING
     assert alert.message == "WARNING: memory 1500.0 MB exceeds 1024 MB (held)"
 
@@ -277,8 +276,8 @@ def test_critical_dropping_when_a_minute_has_passed_realerts_at_the_new_level() 
     state = at_critical(0.0)
     state, actions = policy.step(state, 75.0, LIMITS, 1500.0)
     assert state.level is Level.WARNING
-    assert [(a.event, a.message) for a in alerts(actions)] == [
-        (AlertEvent.MEMORY_WARNING, "WARNING: memory 1500.0 MB exceeds 1024 MB (held)")
+    assert [(a.kind, a.message) for a in alerts(actions)] == [
+        (AlertKind.MEMORY_WARNING, "WARNING: memory 1500.0 MB exceeds 1024 MB (held)")
     ]
     assert state.last_alert_at == 75.0
 
@@ -286,7 +285,7 @@ def test_critical_dropping_when_a_minute_has_passed_realerts_at_the_new_level() 
 def test_critical_straight_to_ok_gives_one_recovered_alert() -> None:
     state = at_critical(0.0)
     state, actions = policy.step(state, 5.0, LIMITS, 100.0)
-    assert events(actions) == [AlertEvent.RECOVERED]
+    assert events(actions) == [AlertKind.RECOVERED]
     assert state.level is Level.OK
 
 
@@ -294,7 +293,7 @@ def test_rising_again_after_falling_is_a_new_entry_even_within_the_minute() -> N
     state = at_critical(0.0)
     state, _ = policy.step(state, 10.0, LIMITS, 1500.0)
     state, actions = policy.step(state, 20.0, LIMITS, 2100.0)
-    assert events(actions) == [AlertEvent.MEMORY_CRITICAL]
+    assert events(actions) == [AlertKind.MEMORY_CRITICAL]
     assert state.level is Level.CRITICAL
     assert len(state.warnings) == 2
 
@@ -302,9 +301,9 @@ def test_rising_again_after_falling_is_a_new_entry_even_within_the_minute() -> N
 def test_warning_again_after_recovery_is_a_new_entry() -> None:
     state = at_warning(0.0)
     state, recovered = policy.step(state, 2.0, LIMITS, 500.0)
-    assert events(recovered) == [AlertEvent.RECOVERED]
+    assert events(recovered) == [AlertKind.RECOVERED]
     state, actions = policy.step(state, 4.0, LIMITS, 1100.0)
-    assert events(actions) == [AlertEvent.MEMORY_WARNING]
+    assert events(actions) == [AlertKind.MEMORY_WARNING]
     assert state.warnings == (
         "WARNING: memory 1030.2 MB exceeds 1024 MB",
         "WARNING: memory 1100.0 MB exceeds 1024 MB",
@@ -344,8 +343,7 @@ def test_max_mb_sends_sigterm_after_a_sigterm_sent_alert() -> None:
     state, actions = policy.step(state, 10.0, LIMITS, 4113.9)
     assert actions == [
         Alert(
-            AlertEvent.SIGTERM_SENT,
-            Level.CRITICAL,
+            AlertKind.SIGTERM_SENT,
             4113.9,
             4096.0,
             "SIGTERM: memory 4113.9 MB exceeds hard limit 4096 MB",
@@ -361,7 +359,7 @@ def test_max_mb_sends_sigterm_after_a_sigterm_sent_alert() -> None:
 def test_max_mb_from_ok_alerts_critical_then_sigterm_sent_then_signals() -> None:
     state, actions = policy.step(fresh(), 1.0, LIMITS, 4096.0)
     assert [type(a).__name__ for a in actions] == ["Alert", "Alert", "Signal"]
-    assert events(actions) == [AlertEvent.MEMORY_CRITICAL, AlertEvent.SIGTERM_SENT]
+    assert events(actions) == [AlertKind.MEMORY_CRITICAL, AlertKind.SIGTERM_SENT]
     assert actions[-1] == TERM
     assert state.level is Level.CRITICAL
 
@@ -376,7 +374,7 @@ def test_sigkill_follows_after_term_grace_exactly_once() -> None:
     kill_alert, kill = actions
     assert kill == KILL
     assert isinstance(kill_alert, Alert)
-    assert kill_alert.event is AlertEvent.SIGKILL_SENT
+    assert kill_alert.kind is AlertKind.SIGKILL_SENT
     assert kill_alert.level is Level.CRITICAL
     assert kill_alert.current_mb == 4200.0
     assert kill_alert.message == "SIGKILL: tree still alive 5.0 s after SIGTERM"
@@ -389,14 +387,14 @@ def test_sigkill_follows_after_term_grace_exactly_once() -> None:
 def test_a_late_sample_also_triggers_the_overdue_sigkill() -> None:
     state, _ = policy.step(fresh(), 0.0, LIMITS, 5000.0)
     state, actions = policy.step(state, 7.5, LIMITS, 4500.0)
-    assert events(actions) == [AlertEvent.SIGKILL_SENT]
+    assert events(actions) == [AlertKind.SIGKILL_SENT]
     assert signals(actions) == [KILL]
 
 
 def test_zero_grace_sends_sigkill_at_once() -> None:
     limits = Limits(term_grace_s=0.0)
     state, actions = policy.step(fresh(), 0.0, limits, 4500.0)
-    assert events(actions) == [AlertEvent.MEMORY_CRITICAL, AlertEvent.SIGKILL_SENT]
+    assert events(actions) == [AlertKind.MEMORY_CRITICAL, AlertKind.SIGKILL_SENT]
     assert signals(actions) == [KILL]
     assert state.kill_sent is True
     state, actions = policy.step(state, 10.0, limits, 4500.0)
@@ -412,7 +410,7 @@ def test_no_second_sigterm_or_level_alert_while_ending() -> None:
     state, actions = policy.step(state, 3.0 + 60.0, limits, 4600.0)
     assert actions == []
     state, actions = policy.step(state, 100.0, limits, 4600.0)
-    assert events(actions) == [AlertEvent.SIGKILL_SENT]
+    assert events(actions) == [AlertKind.SIGKILL_SENT]
     assert signals(actions) == [KILL]
     assert state.peak_mb == 9000.0
     assert state.current_mb == 4600.0
@@ -423,7 +421,7 @@ def test_dropping_under_max_before_grace_still_kills() -> None:
     state, _ = policy.step(fresh(), 0.0, LIMITS, 4500.0)
     state, actions = policy.step(state, 5.0, LIMITS, 100.0)
     assert signals(actions) == [KILL]
-    assert AlertEvent.RECOVERED not in events(actions)
+    assert AlertKind.RECOVERED not in events(actions)
     assert state.level is Level.OK
 
 
@@ -459,8 +457,7 @@ def test_timeout_escalates_with_reason_timeout(started_at: float) -> None:
     state, actions = policy.step(state, started_at + 300.0, limits, None)
     assert actions == [
         Alert(
-            AlertEvent.TIMEOUT,
-            Level.CRITICAL,
+            AlertKind.TIMEOUT,
             600.0,
             4096.0,
             "TIMEOUT: running 300.0 s exceeds timeout_s 300 s",
@@ -472,7 +469,7 @@ def test_timeout_escalates_with_reason_timeout(started_at: float) -> None:
     state, actions = policy.step(state, started_at + 304.9, limits, None)
     assert actions == []
     state, actions = policy.step(state, started_at + 305.0, limits, None)
-    assert events(actions) == [AlertEvent.SIGKILL_SENT]
+    assert events(actions) == [AlertKind.SIGKILL_SENT]
     assert signals(actions) == [Signal(signal.SIGKILL, EndReason.TIMEOUT)]
     state, actions = policy.step(state, started_at + 400.0, limits, None)
     assert actions == []
@@ -481,7 +478,7 @@ def test_timeout_escalates_with_reason_timeout(started_at: float) -> None:
 def test_timeout_also_fires_on_a_sample() -> None:
     limits = Limits(timeout_s=10.0)
     state, actions = policy.step(fresh(), 12.0, limits, 50.0)
-    assert events(actions) == [AlertEvent.TIMEOUT]
+    assert events(actions) == [AlertKind.TIMEOUT]
     assert signals(actions) == [Signal(signal.SIGTERM, EndReason.TIMEOUT)]
     assert state.ending is EndReason.TIMEOUT
     assert state.current_mb == 50.0
@@ -490,7 +487,7 @@ def test_timeout_also_fires_on_a_sample() -> None:
 def test_memory_limit_and_timeout_in_one_step_ends_for_memory() -> None:
     limits = Limits(timeout_s=10.0)
     state, actions = policy.step(fresh(), 10.0, limits, 5000.0)
-    assert AlertEvent.TIMEOUT not in events(actions)
+    assert AlertKind.TIMEOUT not in events(actions)
     assert signals(actions) == [TERM]
     assert state.ending is EndReason.MEMORY_LIMIT
 
@@ -500,10 +497,10 @@ def test_timeout_still_applies_when_monitoring_is_disabled_by_design() -> None:
     state, actions = policy.step(fresh(), 30.0, limits, 9000.0)
     assert actions == []
     state, actions = policy.step(state, 60.0, limits, None)
-    assert events(actions) == [AlertEvent.TIMEOUT]
+    assert events(actions) == [AlertKind.TIMEOUT]
     assert signals(actions) == [Signal(signal.SIGTERM, EndReason.TIMEOUT)]
     state, actions = policy.step(state, 62.0, limits, None)
-    assert events(actions) == [AlertEvent.SIGKILL_SENT]
+    assert events(actions) == [AlertKind.SIGKILL_SENT]
     assert signals(actions) == [Signal(signal.SIGKILL, EndReason.TIMEOUT)]
 
 
@@ -583,7 +580,7 @@ def test_stop_during_a_memory_limit_keeps_the_reason() -> None:
     state, _ = policy.step(fresh(), 0.0, LIMITS, 5000.0)
     state, actions = policy.request_end(state, 1.0, EndReason.STOPPED, 0.0)
     # The kill happens now; the ending is still the memory limit, so it is alerted.
-    assert events(actions) == [AlertEvent.SIGKILL_SENT]
+    assert events(actions) == [AlertKind.SIGKILL_SENT]
     assert signals(actions) == [KILL]
     assert state.ending is EndReason.MEMORY_LIMIT
 
@@ -618,7 +615,7 @@ def test_root_exit_while_ending_for_memory_keeps_memory_limit() -> None:
     assert state.ending is EndReason.MEMORY_LIMIT
     assert state.term_sent_at == 0.0
     state, actions = policy.step(state, 5.0, LIMITS, None)
-    assert events(actions) == [AlertEvent.SIGKILL_SENT]
+    assert events(actions) == [AlertKind.SIGKILL_SENT]
     assert signals(actions) == [KILL]
 
 
@@ -787,27 +784,25 @@ def test_property_ending_never_changes_once_set(limits: Limits, sequence: list[O
 @given(limits=limits_strategy, sequence=st.lists(ops, max_size=40))
 def test_property_no_level_alert_after_ending(limits: Limits, sequence: list[Op]) -> None:
     actions = run(limits, sequence).actions
-    level_events = LEVEL_EVENTS | {AlertEvent.RECOVERED}
+    level_events = LEVEL_EVENTS | {AlertKind.RECOVERED}
     terms = [i for i, a in enumerate(actions) if isinstance(a, Signal)]
     if terms:
-        assert not any(
-            isinstance(a, Alert) and a.event in level_events for a in actions[terms[0] :]
-        )
+        assert not any(isinstance(a, Alert) and a.kind in level_events for a in actions[terms[0] :])
 
 
 @settings(max_examples=300, deadline=None)
 @given(limits=limits_strategy, sequence=st.lists(ops, max_size=40))
 def test_property_same_level_alerts_are_a_minute_apart(limits: Limits, sequence: list[Op]) -> None:
-    last: dict[AlertEvent, float] = {}
+    last: dict[AlertKind, float] = {}
     for now, before, after, actions in run(limits, sequence).steps:
         if after.level is not before.level:
             last.clear()  # A level change allows the new level's entry alert at once.
-        level_alerts = [a for a in alerts(actions) if a.event in LEVEL_EVENTS]
+        level_alerts = [a for a in alerts(actions) if a.kind in LEVEL_EVENTS]
         assert len(level_alerts) <= 1
         for alert in level_alerts:
-            if alert.event in last:
-                assert now - last[alert.event] >= policy.REALERT_INTERVAL_S
-            last[alert.event] = now
+            if alert.kind in last:
+                assert now - last[alert.kind] >= policy.REALERT_INTERVAL_S
+            last[alert.kind] = now
             assert alert.level is after.level
 
 
@@ -820,7 +815,7 @@ def test_property_disabled_monitoring_acts_only_on_timeout(
     trace = run(limits, sequence, memory_only=True)
     for a in trace.actions:
         if isinstance(a, Alert):
-            assert a.event in (AlertEvent.TIMEOUT, AlertEvent.SIGKILL_SENT)
+            assert a.kind in (AlertKind.TIMEOUT, AlertKind.SIGKILL_SENT)
         else:
             assert a.reason is EndReason.TIMEOUT
     if timeout is None:
@@ -852,7 +847,7 @@ def test_property_levels_peak_and_current_follow_the_samples(
 
 def test_kernel_oom_kills_at_once_with_reason_oom_killed() -> None:
     state, actions = policy.kernel_oom(fresh(), 3.0, 4500.0, 4505.6)
-    assert events(actions) == [AlertEvent.OOM_KILL]
+    assert events(actions) == [AlertKind.OOM_KILL]
     assert signals(actions) == [Signal(signal.SIGKILL, EndReason.OOM_KILLED)]
     assert state.ending is EndReason.OOM_KILLED
     assert state.kill_sent is True

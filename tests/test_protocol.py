@@ -25,8 +25,8 @@ from anyio.streams.buffered import BufferedByteReceiveStream
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from supervisord.home import Home
-from supervisord.protocol import COMMANDS, PROTOCOL_VERSION
+from supervisord.config.home import Home
+from supervisord.control.protocol import COMMANDS, PROTOCOL_VERSION
 from tests.conftest import TEST_MEMORY, DaemonProcess, simagent, wait_output, write_config
 
 pytestmark = pytest.mark.anyio

@@ -10,8 +10,8 @@ import time
 import anyio
 import pytest
 
-from supervisord import procfs
-from supervisord.home import Home
+from supervisord.config.home import Home
+from supervisord.host import procfs
 from tests.conftest import DaemonProcess, Events, alive, read_jsonl, simagent, wait_output
 
 pytestmark = pytest.mark.anyio

@@ -11,15 +11,10 @@ from typing import Any
 
 import pytest
 
-from supervisord.errors import UsageError
-from supervisord.reports import (
-    REPORTS,
-    iter_records,
-    percentile,
-    rotated_files,
-    run_report,
-)
-from supervisord.sysmem import SystemMemory
+from supervisord.core.errors import UsageError
+from supervisord.host.sysmem import SystemMemory
+from supervisord.observe.logread import iter_records, rotated_files
+from supervisord.observe.reports import REPORTS, percentile, run_report
 
 NOW = datetime(2026, 11, 26, 15, 0, 0)
 SYSTEM = SystemMemory(

@@ -16,9 +16,9 @@ from typing import Any
 
 import pytest
 
-from supervisord.client import Client
-from supervisord.errors import SupervisordError
-from supervisord.home import Home
+from supervisord.config.home import Home
+from supervisord.control.client import Client
+from supervisord.core.errors import SupervisordError
 from tests.conftest import DaemonProcess, write_config
 
 NOBODY = pwd.getpwnam("nobody")

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from supervisord.client import Client
-from supervisord.home import Home
+from supervisord.config.home import Home
+from supervisord.control.client import Client
 from tests.conftest import AGENTS, PYTHON, DaemonProcess, simagent
 
 WAIT_S = 15.0

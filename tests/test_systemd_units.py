@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from supervisord import sdnotify
-from supervisord.sdnotify import Notifier
+from supervisord.host import sdnotify
+from supervisord.host.sdnotify import Notifier
 
 ROOT = Path(__file__).resolve().parent.parent
 SYSTEMD_DIR = ROOT / "systemd"
@@ -359,7 +359,7 @@ _ACTIVATED_CHILD = textwrap.dedent(
     """
     import json, os, socket, sys
     from structlog.testing import capture_logs
-    from supervisord import sdnotify
+    from supervisord.host import sdnotify
 
     expected = sys.argv[1] if len(sys.argv) > 1 else None
     with capture_logs() as logs:

@@ -18,11 +18,12 @@ import anyio
 import pytest
 from rich.console import Console
 
-from supervisord.top import (
+from supervisord.observe.top import (
     SPARKS,
     AgentView,
     TopModel,
-    growth_rate,
+    growth,
+    megabytes,
     render,
     sparkline,
     time_to_limit,
@@ -55,21 +56,28 @@ def screen(model: TopModel, width: int = 80, height: int = 24) -> list[str]:
     return out.getvalue().splitlines()
 
 
-def test_sparkline_and_time_to_limit() -> None:
+def test_sparkline_growth_and_time_to_limit_come_from_the_daemon() -> None:
     assert sparkline([], 10) == ""
     assert sparkline([5.0, 5.2, 5.1], 10) == SPARKS[0] * 3  # flat within noise
     assert sparkline([0, 50, 100], 10) == SPARKS[0] + SPARKS[4] + SPARKS[-1]
     assert sparkline(list(range(100)), 8) == sparkline(list(range(92, 100)), 8)
-    view = AgentView("eng_aaaaaaaaaaaa", "eng", max_mb=200.0, current_mb=100.0)
-    for t in range(10):
-        view.history.append((float(t), 10.0 + 10 * t))
-    assert growth_rate(view.history) == pytest.approx(10.0)
-    view.current_mb = 100.0
-    assert time_to_limit(view) == "10s"
-    view.history.clear()
-    view.history.extend((float(t), 50.0) for t in range(10))
-    assert time_to_limit(view) == "-"
-    view.current_mb = 250
+    view = AgentView("eng_aaaaaaaaaaaa", "eng")
+    view.update({"current_mb": 100.0, "limits": {"max_mb": 200.0}}, 0.0)
+    assert (growth(view), time_to_limit(view)) == ("-", "-")  # the daemon knows no rate yet
+    view.update(
+        {
+            "current_mb": 100.0,
+            "limits": {"max_mb": 200},
+            "growth_mb_s": 10.0,
+            "time_to_limit_s": 10.0,
+        },
+        1.0,
+    )
+    assert (growth(view), time_to_limit(view)) == ("10", "10s")
+    view.update({"current_mb": 100.0, "growth_mb_s": 2.34, "time_to_limit_s": 150.0}, 2.0)
+    assert (growth(view), time_to_limit(view)) == ("2.3", "2m")
+    assert (megabytes(4113.94), megabytes(12345.6)) == ("4113.9", "12346")
+    view.update({"current_mb": 250.0, "limits": {"max_mb": 200}, "growth_mb_s": 0.0}, 3.0)
     assert time_to_limit(view) == "now"
     view.ending = "stopped"
     assert time_to_limit(view) == "ending"
@@ -87,7 +95,13 @@ def test_screen_fits_80_columns_with_the_worst_agent_first() -> None:
     for t in range(30):
         model.apply_stats(
             [
-                stats("engineer_3f9a0c12b7de", 40.0 + 4 * t),
+                # As the daemon reports it: growing 4 MB/s, (200 - mb) / 4 s from its limit.
+                stats(
+                    "engineer_3f9a0c12b7de",
+                    40.0 + 4 * t,
+                    growth_mb_s=4.0,
+                    time_to_limit_s=(200 - 40.0 - 4 * t) / 4,
+                ),
                 stats("code-reviewer_0123456789ab", 160.0, "CRITICAL"),
             ],
             now=float(t),
@@ -101,11 +115,12 @@ def test_screen_fits_80_columns_with_the_worst_agent_first() -> None:
     assert "6120 MB available of 16000 MB" in text
     rows = [line for line in lines if re.match(r"\S+_[0-9a-f]{12} ", line)]
     # CRITICAL first; the longer id is shown whole, and the columns line up after it.
-    assert rows[0].startswith("code-reviewer_0123456789ab code-rev… ")
+    assert rows[0].startswith("code-reviewer_0123456789ab code-re… ")
     assert "CRITICAL" in rows[0]
     assert rows[1].startswith("engineer_3f9a0c12b7de      engineer ")
     assert any(c in rows[1] for c in SPARKS[1:])
     assert rows[1].endswith(" 11s")  # 156 MB, growing 4 MB/s, 200 MB limit
+    assert " 4.0 " in rows[1]  # the daemon's growth rate, MB/s
     model.apply_event({"type": "exit", "subprocess_id": "engineer_3f9a0c12b7de",
                        "reason": "stopped", "signal": "SIGTERM"})  # fmt: skip
     assert "engineer_3f9a0c12b7de ended: stopped (SIGTERM)" in "\n".join(screen(model))

@@ -16,12 +16,13 @@ import anyio
 import httpx
 import pytest
 
-from supervisord.bus import Broadcaster
-from supervisord.config import Config, load_config
-from supervisord.config_observe import AlertSettings, Webhook
-from supervisord.errors import ConfigError
-from supervisord.home import Home
-from supervisord.webhooks import (
+from supervisord.config.home import Home
+from supervisord.config.observe import AlertSettings, Webhook
+from supervisord.config.settings import Config, load_config
+from supervisord.core.clock import timestamps
+from supervisord.core.errors import ConfigError
+from supervisord.core.events import Event
+from supervisord.observe.webhooks import (
     Notice,
     Notifier,
     Throttle,
@@ -30,35 +31,12 @@ from supervisord.webhooks import (
     json_payload,
     slack_payload,
 )
+from supervisord.supervise.bus import Broadcaster
 from tests.conftest import TEST_MEMORY, DaemonProcess, Events, read_jsonl, simagent, write_config
+from tests.typed_events import AT, alert, exit_
 
 pytestmark = pytest.mark.anyio
 GRACE_S = TEST_MEMORY["term_grace_s"]
-
-
-def alert_record(
-    event: str, level: str = "CRITICAL", sid: str = "hog_0123456789ab"
-) -> dict[str, Any]:
-    return {
-        "type": "alert",
-        "timestamp": "2026-11-26T14:03:07.512",
-        "ts": "2026-11-26T13:03:07.512Z",
-        "level": level,
-        "event": event,
-        "subprocess_id": sid,
-        "agent_type": sid.split("_")[0],
-        "pid": 4711,
-        "current_mb": 210.5,
-        "threshold_mb": 200,
-        "message": f"{event}: memory 210.5 MB exceeds 200 MB",
-        "system_memory": {
-            "total_mb": 1000.0,
-            "available_mb": 385.0,
-            "used_mb": 615.0,
-            "percent": 61.5,
-            "free_mb": 100.0,
-        },
-    }
 
 
 # -- grouping and rate limiting, with explicit times --------------------------------------------
@@ -66,41 +44,41 @@ def alert_record(
 
 def test_alerts_of_one_agent_within_group_wait_become_one_notice_about_the_worst() -> None:
     throttle = Throttle(group_wait_s=2.0, rate_limit_s=300.0)
-    throttle.offer(alert_record("memory_warning", "WARNING"), now=10.0)
-    throttle.offer(alert_record("memory_critical"), now=10.4)
-    throttle.offer(alert_record("sigterm_sent"), now=10.7)
-    throttle.offer(alert_record("memory_warning", "WARNING", sid="qa_aaaaaaaaaaaa"), now=11.0)
+    throttle.offer(alert("memory_warning"), now=10.0)
+    throttle.offer(alert("memory_critical"), now=10.4)
+    throttle.offer(alert("sigterm_sent"), now=10.7)
+    throttle.offer(alert("memory_warning", sid="qa_aaaaaaaaaaaa"), now=11.0)
     assert throttle.next_due() == 12.0
     assert throttle.due(11.9) == []
     (notice,) = throttle.due(12.0)
-    assert notice.alert["event"] == "sigterm_sent"
+    assert notice.alert.kind == "sigterm_sent"
     assert notice.events == ("memory_warning", "memory_critical", "sigterm_sent")
     assert throttle.next_due() == 13.0
     (other,) = throttle.due(13.0)
-    assert other.alert["subprocess_id"] == "qa_aaaaaaaaaaaa"
+    assert other.alert.subprocess_id == "qa_aaaaaaaaaaaa"
 
 
 def test_rate_limit_drops_repeats_but_lets_escalations_through() -> None:
     throttle = Throttle(group_wait_s=0.0, rate_limit_s=60.0)
-    throttle.offer(alert_record("memory_warning", "WARNING"), now=0.0)
-    assert [n.alert["event"] for n in throttle.due(0.0)] == ["memory_warning"]
-    throttle.offer(alert_record("memory_warning", "WARNING"), now=30.0)  # a re-alert: dropped
+    throttle.offer(alert("memory_warning"), now=0.0)
+    assert [n.alert.kind for n in throttle.due(0.0)] == ["memory_warning"]
+    throttle.offer(alert("memory_warning"), now=30.0)  # a re-alert: dropped
     assert throttle.due(30.0) == []
-    throttle.offer(alert_record("memory_critical"), now=31.0)  # worse: passes
-    assert [n.alert["event"] for n in throttle.due(31.0)] == ["memory_critical"]
-    throttle.offer(alert_record("sigterm_sent"), now=32.0)
-    assert [n.alert["event"] for n in throttle.due(32.0)] == ["sigterm_sent"]
-    throttle.offer(alert_record("sigkill_sent"), now=34.0)  # the same incident, same severity
+    throttle.offer(alert("memory_critical"), now=31.0)  # worse: passes
+    assert [n.alert.kind for n in throttle.due(31.0)] == ["memory_critical"]
+    throttle.offer(alert("sigterm_sent"), now=32.0)
+    assert [n.alert.kind for n in throttle.due(32.0)] == ["sigterm_sent"]
+    throttle.offer(alert("sigkill_sent"), now=34.0)  # the same incident, same severity
     assert throttle.due(34.0) == []
     assert throttle.suppressed == 2
-    throttle.offer(alert_record("memory_critical"), now=92.1)  # the window is over
-    assert [n.alert["event"] for n in throttle.due(92.1)] == ["memory_critical"]
+    throttle.offer(alert("memory_critical"), now=92.1)  # the window is over
+    assert [n.alert.kind for n in throttle.due(92.1)] == ["memory_critical"]
 
 
 def test_refused_launches_are_limited_per_agent_type() -> None:
     throttle = Throttle(group_wait_s=0.0, rate_limit_s=60.0)
     for n in range(5):  # A launcher retrying in a loop: each refusal has a fresh id.
-        throttle.offer(alert_record("launch_refused", "WARNING", sid=f"eng_{n:012x}"), now=n)
+        throttle.offer(alert("launch_refused", sid=f"eng_{n:012x}"), now=n)
         throttle.due(float(n))
     assert throttle.suppressed == 4
 
@@ -114,12 +92,12 @@ def guide_fields(payload: dict[str, Any]) -> dict[str, Any]:
 
 
 def test_slack_payload_has_the_guides_fields() -> None:
-    notice = Notice(alert_record("sigterm_sent"), ("memory_critical", "sigterm_sent"))
+    notice = Notice(alert("sigterm_sent"), ("memory_critical", "sigterm_sent"))
     payload = slack_payload(notice, "build-7")
     assert payload["text"] == "🚨 Claude PM Memory Alert"
     (attachment,) = payload["attachments"]
     assert attachment["color"] == "danger"
-    assert attachment["timestamp"] == "2026-11-26T14:03:07.512"
+    assert attachment["timestamp"] == timestamps(AT)["timestamp"]
     assert attachment["ts"] == 1795698187
     # The guide's four fields, first and in its order, with its "short" flags.
     assert attachment["fields"][:4] == [
@@ -131,19 +109,20 @@ def test_slack_payload_has_the_guides_fields() -> None:
     fields = guide_fields(payload)
     assert fields["Host"] == "build-7"
     assert fields["Events"] == "memory_critical → sigterm_sent"
-    warning = slack_payload(Notice(alert_record("memory_warning", "WARNING"), ()), "h")
+    warning = slack_payload(Notice(alert("memory_warning"), ()), "h")
     assert warning["attachments"][0]["color"] == "warning"
-    recovered = slack_payload(Notice(alert_record("recovered", "WARNING"), ()), "h")
+    recovered = slack_payload(Notice(alert("recovered"), ()), "h")
     assert recovered["attachments"][0]["color"] == "good"
 
 
-def test_json_payload_carries_the_alert_record() -> None:
-    record = alert_record("sigterm_sent")
+def test_json_payload_carries_the_alert() -> None:
+    record = alert("sigterm_sent")
     payload = json_payload(Notice(record, ("sigterm_sent",)), "build-7")
     assert payload["host"] == "build-7"
     assert payload["source"] == "claude-pm-supervisord"
     assert payload["events"] == ["sigterm_sent"]
-    assert payload["alert"] == {k: v for k, v in record.items() if k != "type"}
+    assert payload["alert"] == record.record()
+    assert payload["alert"]["event"] == "sigterm_sent"
 
 
 # -- configuration -------------------------------------------------------------------------------
@@ -286,7 +265,7 @@ def hook(receiver: Receiver, path: str, **kw: Any) -> Webhook:
 
 
 async def test_delivery_retries_5xx_and_429_and_gives_up_quietly(receiver: Receiver) -> None:
-    notice = Notice(alert_record("sigterm_sent"), ("sigterm_sent",))
+    notice = Notice(alert("sigterm_sent"), ("sigterm_sent",))
     async with httpx.AsyncClient() as client:
         failing = hook(receiver, "/fail", retries=2, backoff_s=0.05)
         with anyio.fail_after(10):
@@ -311,10 +290,10 @@ async def test_delivery_retries_5xx_and_429_and_gives_up_quietly(receiver: Recei
 
 async def test_a_full_queue_drops_the_notice_instead_of_waiting() -> None:
     sender = WebhookSender(Webhook(url="http://127.0.0.1:9/", name="q", retries=0), 1, "h")
-    notice = Notice(alert_record("sigterm_sent"), ("sigterm_sent",))
+    notice = Notice(alert("sigterm_sent"), ("sigterm_sent",))
     sender.offer(notice)
     sender.offer(notice)  # no task drains it: the second is dropped at once
-    sender.offer(Notice(alert_record("memory_warning", "WARNING"), ()))  # below min_level
+    sender.offer(Notice(alert("memory_warning"), ()))  # below min_level
     sender.close()
     async with httpx.AsyncClient() as client:
         with anyio.fail_after(5):  # the queued one is still delivered (and fails: port 9)
@@ -323,7 +302,7 @@ async def test_a_full_queue_drops_the_notice_instead_of_waiting() -> None:
 
 @dataclass
 class FakeSupervisor:
-    bus: Broadcaster
+    bus: Broadcaster[Event]
     config: Config
 
 
@@ -331,14 +310,14 @@ async def test_notifier_follows_the_bus_and_a_reload_replaces_webhooks(receiver:
     def settings(*hooks: Webhook) -> Config:
         return Config(alerts=AlertSettings(group_wait_s=0.0, webhooks=hooks))
 
-    source = FakeSupervisor(Broadcaster(), settings(hook(receiver, "/ok")))
+    source = FakeSupervisor(Broadcaster[Event](), settings(hook(receiver, "/ok")))
     async with anyio.create_task_group() as tg:
         await tg.start(Notifier(source, host="h").run)
-        source.bus.publish(alert_record("sigterm_sent", sid="a_aaaaaaaaaaaa"))
-        source.bus.publish({"type": "exit", "subprocess_id": "a_aaaaaaaaaaaa"})  # not an alert
+        source.bus.publish(alert("sigterm_sent", sid="a_aaaaaaaaaaaa"))
+        source.bus.publish(exit_("a_aaaaaaaaaaaa"))  # not an alert
         await wait_posts(receiver, "/ok", "a_aaaaaaaaaaaa")
         source.config = settings(hook(receiver, "/json", format="json", min_level="WARNING"))
-        source.bus.publish(alert_record("memory_warning", "WARNING", sid="b_bbbbbbbbbbbb"))
+        source.bus.publish(alert("memory_warning", sid="b_bbbbbbbbbbbb"))
         (post,) = await wait_posts(receiver, "/json", "b_bbbbbbbbbbbb")
         assert post.body["host"] == "h"
         tg.cancel_scope.cancel()

@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from supervisord.background import start_daemon
-from supervisord.client import Client, resolve_socket
-from supervisord.errors import SupervisordError
-from supervisord.home import Home, find_home
+from supervisord.config.home import Home, find_home
+from supervisord.control.background import start_daemon
+from supervisord.control.client import Client, resolve_socket
+from supervisord.core.errors import SupervisordError
 
 
 @dataclass

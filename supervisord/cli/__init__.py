@@ -1,0 +1,1 @@
+"""The command line: argv in, client calls, rendering, exit codes."""

@@ -1,0 +1,164 @@
+"""``claude-pm``: argv in, a handler (``handlers``) run, its exit code out.
+
+Exit codes: 0 success, 1 the operation failed, 2 usage error, 3 daemon not running. Only the
+``cli`` package touches argv, stdout and exit codes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+
+from supervisord import __version__
+from supervisord.cli import handlers as h
+from supervisord.cli.handlers import FAILED, NOT_RUNNING, OK, USAGE, Handler, error
+from supervisord.core.errors import ConfigError, DaemonNotRunning, SupervisordError, UsageError
+from supervisord.core.kinds import Level
+from supervisord.observe.reports import REPORTS
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    # `launch TYPE [OPTIONS] -- CMD ...`: everything after `--` is the agent's command, verbatim,
+    # and the options before it are ours (argparse.REMAINDER would swallow them into CMD).
+    command_tail: list[str] | None = None
+    if args_list[:1] == ["launch"] and "--" in args_list:
+        split = args_list.index("--")
+        args_list, command_tail = args_list[:split], args_list[split + 1 :]
+    try:
+        args = parser.parse_args(args_list)
+    except SystemExit as exc:  # argparse exits 2 on usage errors and 0 on --help.
+        return int(exc.code or 0)
+    if command_tail is not None:
+        args.cmd = [*args.cmd, *command_tail]
+    handler: Handler = args.handler
+    try:
+        return handler(args)
+    except DaemonNotRunning as exc:
+        error(str(exc))
+        return NOT_RUNNING
+    except (UsageError, ConfigError) as exc:
+        error(str(exc))
+        return USAGE
+    except SupervisordError as exc:
+        error(str(exc))
+        return FAILED
+    except KeyboardInterrupt:
+        return FAILED
+    except BrokenPipeError:  # `claude-pm events --follow | head` closed our stdout.
+        return OK
+
+
+def daemon_main() -> int:
+    """``claude-pm-supervisord``: identical to ``claude-pm daemon``."""
+    return main(["daemon", *sys.argv[1:]])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="claude-pm",
+        description="Supervise AI-agent process trees and stop runaway memory.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, handler: Handler, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(handler=handler)
+        return p
+
+    _daemon_commands(add)
+    _agent_commands(add)
+    _log_commands(add)
+    _control_commands(add)
+    return parser
+
+
+Add = Callable[[str, Handler, str], argparse.ArgumentParser]
+
+
+def _daemon_commands(add: Add) -> None:
+    p = add("init", h.cmd_init, "create the home and config; start the daemon if not running")
+    p.add_argument("--no-start", action="store_true", help="only create the home and config")
+    p = add("daemon", h.cmd_daemon, "run the daemon in the foreground")
+    p.add_argument("--detach", action="store_true", help="fork into the background once ready")
+    p = add("status", h.cmd_status, "daemon, thresholds, system memory and agents")
+    p.add_argument("--json", action="store_true")
+
+
+def _agent_commands(add: Add) -> None:
+    p = add("launch", h.cmd_launch, "launch an agent under supervision; prints its subprocess_id")
+    p.add_argument("agent_type", metavar="TYPE")
+    p.add_argument("--warning-mb", type=_positive, metavar="N")
+    p.add_argument("--critical-mb", type=_positive, metavar="N")
+    p.add_argument("--max-mb", type=_positive, metavar="N")
+    p.add_argument("--timeout", type=_positive, metavar="S", help="seconds before it is stopped")
+    p.add_argument("--grace", type=_non_negative, metavar="S", help="SIGTERM to SIGKILL, seconds")
+    p.add_argument("--cwd", metavar="DIR")
+    p.add_argument("--env", action="append", default=[], metavar="K=V", type=_env_pair)
+    p.add_argument("--task", help="task text for the type's [agents.TYPE] command template")
+    p.add_argument("--force", action="store_true", help="launch even when memory is short")
+    p.add_argument("--wait", action="store_true", help="wait for it to end; print its record")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("cmd", nargs="*", metavar="-- CMD [ARG ...]")
+    p = add("stats", h.cmd_stats, "statistics of all agents, or of one")
+    p.add_argument("subprocess_id", nargs="?", metavar="ID")
+    p.add_argument("--json", action="store_true")
+    p = add("stop", h.cmd_stop, "stop an agent: SIGTERM its tree, SIGKILL what remains after grace")
+    p.add_argument("subprocess_id", metavar="ID")
+    p.add_argument("--grace", type=_non_negative, metavar="S")
+    p.add_argument("--json", action="store_true")
+    p = add("kill", h.cmd_kill, "SIGKILL an agent's whole tree now")
+    p.add_argument("subprocess_id", metavar="ID")
+    p.add_argument("--json", action="store_true")
+
+
+def _log_commands(add: Add) -> None:
+    p = add("events", h.cmd_events, "alert history; --follow streams alerts and exits live")
+    p.add_argument("--follow", "-f", action="store_true")
+    p.add_argument("--level", type=str.upper, choices=[Level.WARNING.name, Level.CRITICAL.name])
+    p.add_argument("--json", action="store_true")
+    p = add("logs", h.cmd_logs, "an agent's output")
+    p.add_argument("subprocess_id", metavar="ID")
+    p.add_argument("--follow", "-f", action="store_true")
+    p = add("report", h.cmd_report, "analyses of the logs (no daemon needed)")
+    p.add_argument("name", choices=REPORTS)
+    p.add_argument("subprocess_id", nargs="?", metavar="ID", help="for growth: one agent")
+    p.add_argument("--json", action="store_true")
+
+
+def _control_commands(add: Add) -> None:
+    add("reload", h.cmd_reload, "re-read config and CLAUDE_PM_* variables; apply to running agents")
+    p = add("shutdown", h.cmd_shutdown, "stop the daemon (and its agents, unless --leave-agents)")
+    p.add_argument("--leave-agents", action="store_true")
+    p.add_argument("--no-wait", action="store_true", help="return without waiting for the exit")
+    add("demo", h.cmd_demo, "a self-contained run that shows the whole escalation")
+    p = add("top", h.cmd_top, "live view of system memory and every agent (q quits)")
+    p.add_argument("--interval", type=_positive, default=1.0, metavar="S", help="refresh, seconds")
+    p.add_argument("--once", action="store_true", help="print one frame and exit")
+
+
+# -- argument types ----------------------------------------------------------------------------
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a number > 0")
+    return value
+
+
+def _non_negative(text: str) -> float:
+    return 0.0 if text.strip() in ("0", "0.0") else _positive(text)
+
+
+def _env_pair(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"{text!r} is not K=V")
+    return key, value

@@ -1,0 +1,1 @@
+"""Configuration: defaults, the TOML file, the environment, the home layout."""

@@ -1,0 +1,1 @@
+"""The control channel: protocol (both ends), server, command handlers, clients."""

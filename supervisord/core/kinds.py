@@ -1,0 +1,68 @@
+"""Every enumerated string of the records and the event stream: one enum each."""
+
+from __future__ import annotations
+
+import enum
+
+
+class Level(enum.IntEnum):
+    """How close an agent is to its limit; ordered so levels compare."""
+
+    OK = 0
+    WARNING = 1
+    CRITICAL = 2
+
+
+class EndReason(enum.StrEnum):
+    """Why an agent's tree is gone (the stats record's ``reason``)."""
+
+    EXITED = "exited"
+    MEMORY_LIMIT = "memory_limit"
+    TIMEOUT = "timeout"
+    STOPPED = "stopped"
+    DAEMON_SHUTDOWN = "daemon_shutdown"
+    LOST = "lost"
+    OOM_KILLED = "oom_killed"
+
+    @property
+    def aborted(self) -> bool:
+        """True when the daemon ended the agent for memory or time."""
+        return self in (EndReason.MEMORY_LIMIT, EndReason.TIMEOUT, EndReason.OOM_KILLED)
+
+
+class EventType(enum.StrEnum):
+    """The ``type`` of an event on the stream (``subscribe``, metrics, webhooks, top)."""
+
+    LAUNCH = "launch"
+    ALERT = "alert"
+    EXIT = "exit"
+
+
+class AlertKind(enum.StrEnum):
+    """The ``event`` field of a memory-alerts.log record."""
+
+    MEMORY_WARNING = "memory_warning"
+    MEMORY_CRITICAL = "memory_critical"
+    SIGTERM_SENT = "sigterm_sent"
+    SIGKILL_SENT = "sigkill_sent"
+    TIMEOUT = "timeout"
+    LAUNCH_REFUSED = "launch_refused"
+    RECOVERED = "recovered"
+    LIMIT_PREDICTED = "limit_predicted"
+    OOM_KILL = "oom_kill"
+
+    @property
+    def level(self) -> Level:
+        """The level every alert of this kind is written with."""
+        return Level.CRITICAL if self in _CRITICAL_ALERTS else Level.WARNING
+
+
+_CRITICAL_ALERTS = frozenset(
+    {
+        AlertKind.MEMORY_CRITICAL,
+        AlertKind.SIGTERM_SENT,
+        AlertKind.SIGKILL_SENT,
+        AlertKind.TIMEOUT,
+        AlertKind.OOM_KILL,
+    }
+)

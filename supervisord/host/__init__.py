@@ -1,0 +1,1 @@
+"""The host edge: /proc, launching, signals, memory cgroups, system memory, systemd."""

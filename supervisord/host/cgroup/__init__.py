@@ -1,0 +1,1 @@
+"""The kernel backstop: per-agent memory cgroups on v1 and v2."""

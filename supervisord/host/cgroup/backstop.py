@@ -1,0 +1,115 @@
+"""The kernel backstop as the supervisor uses it: one memory cgroup per agent.
+
+The graceful escalation stays in front (SIGTERM at ``max_mb``); the cgroup adds what polling
+cannot: a hard ceiling ``hard_margin_pct`` above ``max_mb`` that no allocation rate can
+outrun, an eventfd that wakes the sampler the moment usage reaches ``max_mb``, membership
+that no setsid or double fork escapes, and an OOM event when the ceiling is hit.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from contextlib import suppress
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+import structlog
+
+from supervisord.config.cgroup import CgroupSettings
+from supervisord.core.errors import CgroupError
+from supervisord.core.limits import Limits
+from supervisord.core.units import MIB, mb_to_bytes
+from supervisord.host.cgroup.base import AgentCgroup, CgroupManager, drain
+from supervisord.host.cgroup.detect import Detection
+
+log = structlog.get_logger("supervisord.host.cgroup.backstop")
+
+
+@dataclass
+class Backstop:
+    manager: CgroupManager
+    settings: CgroupSettings
+    detection: Detection
+
+    def ceiling_mb(self, limits: Limits) -> float:
+        return self.settings.ceiling_bytes(limits.max_mb) / MIB
+
+    def create(self, subprocess_id: str, limits: Limits) -> AgentCgroup | None:
+        """A group for a new agent; None when it cannot be made (then polling alone guards it,
+        unless cgroups are required)."""
+        if not limits.enabled:
+            return None  # Monitoring disabled: no ceiling either.
+        try:
+            return self.manager.create(subprocess_id, self.settings.ceiling_bytes(limits.max_mb))
+        except CgroupError as exc:
+            if self.settings.mode == "required":
+                raise
+            log.warning("cgroup_create_failed", subprocess_id=subprocess_id, error=str(exc))
+            return None
+
+    def adopt(self, subprocess_id: str) -> AgentCgroup | None:
+        try:
+            return self.manager.adopt(subprocess_id)
+        except (CgroupError, OSError):
+            return None
+
+    def apply(self, cgroup: AgentCgroup, limits: Limits) -> None:
+        """New limits (``reload``): move the ceiling with ``max_mb``."""
+        with suppress(CgroupError, OSError):
+            cgroup.set_limit(self.settings.ceiling_bytes(limits.max_mb))
+
+    async def watch(
+        self,
+        cgroup: AgentCgroup,
+        max_mb: float,
+        on_threshold: Callable[[], None],
+        on_oom: Callable[[float], None],
+    ) -> None:
+        """Until cancelled: wake the sampler at ``max_mb``, report the ceiling being hit."""
+        fds: list[int] = []
+
+        async def oom(fd: int) -> None:
+            while True:
+                await anyio.wait_readable(fd)
+                drain(fd)
+                if cgroup.under_oom() or cgroup.oom_killed():
+                    on_oom(cgroup.usage_bytes() / MIB)
+
+        async def threshold() -> None:
+            # Registering a usage threshold costs the kernel ~10 ms (v1): off the event loop,
+            # and shielded so a cancellation cannot drop the descriptor on the floor.
+            with anyio.CancelScope(shield=True):
+                fd = await anyio.to_thread.run_sync(cgroup.threshold_eventfd, mb_to_bytes(max_mb))
+                fds.append(fd)
+            while True:
+                await anyio.wait_readable(fd)
+                drain(fd)
+                on_threshold()
+
+        try:
+            fds.append(cgroup.oom_eventfd())
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(oom, fds[0])
+                tg.start_soon(threshold)
+        finally:
+            for fd in fds:
+                with suppress(OSError):
+                    os.close(fd)
+
+    async def retire(self, cgroup: AgentCgroup) -> None:
+        """Remove an agent's group once its tree is gone (the kernel may need a moment)."""
+        removed = await anyio.to_thread.run_sync(cgroup.remove)
+        if not removed:
+            log.warning("cgroup_remove_failed", path=str(cgroup.path))
+
+    def close(self) -> None:
+        """At daemon exit: remove emptied agent groups (a removal still in flight when the
+        daemon stopped, say), then the daemon's group if no agent is left in it."""
+        with suppress(CgroupError, OSError):
+            self.manager.cleanup_leftovers(())
+            self.manager.remove()
+
+    def status(self) -> dict[str, Any]:
+        return {**self.detection.as_dict(), "hard_margin_pct": self.settings.hard_margin_pct}

@@ -1,0 +1,285 @@
+"""Tree discovery and measurement.
+
+A tree is the agent's process and every descendant. Descendants that setsid or double-fork
+are reparented away from the agent (to the daemon when it is a subreaper, else to init), so
+membership is remembered by (pid, start time) from sample to sample, and a new orphan that
+was never seen is attributed by the ``CLAUDE_PM_SUBPROCESS_ID`` variable every agent
+inherits.
+
+Two ways to sample:
+- ``sample``: one scan of /proc for every tree (discovery of everything, orphans included),
+  at the idle cadence;
+- ``sample_fast``: only the given trees, from their known members' kept-open ``statm`` fds
+  and their children lists, for agents that need a look sooner (growing fast, or young).
+
+The methods block (they read /proc): the supervisor runs them in a worker thread.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+
+from supervisord.core.identity import MARKER_ENV, Identity
+from supervisord.core.limits import Metric
+from supervisord.core.units import MIB
+from supervisord.host import procfs
+from supervisord.host.cgroup.base import AgentCgroup
+from supervisord.host.procfs import ProcEntry, StatmCache
+
+# An agent whose cgroup usage has not moved is still read in full this often.
+REREAD_IDLE_S = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class Root:
+    """What the sampler needs to know about one agent."""
+
+    pid: int
+    start: int
+    metric: Metric = "rss"
+    # With metric "pss", PSS is computed only once the RSS sum reaches this (an upper bound).
+    pss_from_mb: float = 0.0
+    # The agent's memory cgroup: every process in it is in the tree, however it got away.
+    cgroup: AgentCgroup | None = None
+
+    def cgroup_pids(self) -> list[int]:
+        if self.cgroup is None:
+            return []
+        try:
+            return self.cgroup.pids()
+        except OSError:
+            return []  # removed already: the tree is gone
+
+
+@dataclass(frozen=True, slots=True)
+class TreeSample:
+    members: tuple[Identity, ...]
+    rss_bytes: int
+    mb: float
+    metric: Metric
+    # True when the kernel's count for the agent's cgroup had not moved since the last
+    # sample: the tree was not read again, and this is that last sample.
+    unchanged: bool = False
+
+    @property
+    def pids(self) -> tuple[int, ...]:
+        return tuple(pid for pid, _ in self.members)
+
+
+@dataclass(frozen=True, slots=True)
+class ScanResult:
+    trees: Mapping[str, TreeSample]
+    # Adopted orphans that died: the daemon (their parent by subreaping) must reap them.
+    orphan_zombies: tuple[int, ...] = ()
+    processes: int = 0
+
+
+@dataclass
+class Sampler:
+    daemon_pid: int = field(default_factory=os.getpid)
+    _trees: dict[str, set[Identity]] = field(default_factory=lambda: defaultdict(set))
+    _unrelated: set[Identity] = field(default_factory=set)
+    _statm: StatmCache = field(default_factory=StatmCache)
+    # Per agent with a cgroup: (usage bytes, when the tree was last read, that sample).
+    _last: dict[str, tuple[int, float, TreeSample]] = field(default_factory=dict)
+
+    @property
+    def open_fds(self) -> int:
+        return len(self._statm)
+
+    def sample(self, roots: Mapping[str, Root]) -> ScanResult:
+        """Every tree, from one scan of /proc."""
+        table = procfs.scan()
+        children: dict[int, list[int]] = defaultdict(list)
+        for entry in table.values():
+            children[entry.ppid].append(entry.pid)
+        root_pids = {root.pid for root in roots.values()}
+        self._attribute_orphans(table, roots, root_pids)
+        trees: dict[str, TreeSample] = {}
+        for agent_id, root in roots.items():
+            seeds = [root.pid] if _same(table, root.pid, root.start) else []
+            seeds += [
+                pid for pid, start in self._trees.get(agent_id, ()) if _same(table, pid, start)
+            ]
+            tree = _walk(table, children, seeds, root_pids - {root.pid})
+            live = [ident for ident in tree if not table[ident[0]].zombie]
+            self._trees[agent_id] = set(tree)
+            trees[agent_id] = self._measure(live, root)
+        for agent_id in [a for a in self._trees if a not in roots]:
+            del self._trees[agent_id]
+        self._statm.retain({ident for tree in self._trees.values() for ident in tree})
+        zombies = tuple(
+            e.pid
+            for e in table.values()
+            if e.zombie and e.ppid == self.daemon_pid and e.pid not in root_pids
+        )
+        return ScanResult(trees=trees, orphan_zombies=zombies, processes=len(table))
+
+    def sample_fast(self, roots: Mapping[str, Root]) -> dict[str, TreeSample]:
+        """The given trees only, without scanning /proc.
+
+        With a memory cgroup the group's process list is the tree (nothing escapes it); else
+        the known members plus the children they forked since (``/proc/PID/task/*/children``).
+        """
+        trees: dict[str, TreeSample] = {}
+        now = time.monotonic()
+        for agent_id, root in roots.items():
+            usage = _usage(root)
+            last = self._last.get(agent_id)
+            if (
+                usage is not None
+                and last is not None
+                and usage == last[0]
+                and now - last[1] < REREAD_IDLE_S
+            ):
+                # Not a byte charged or freed in the whole tree since the last read: an idle
+                # agent costs one pread. Read in full every REREAD_IDLE_S all the same.
+                trees[agent_id] = replace(last[2], unchanged=True)
+                continue
+            known = self._trees[agent_id]
+            known.add((root.pid, root.start))
+            if root.cgroup is not None:
+                live = self._cgroup_members(known, root)
+            else:
+                live = self._walk_children(known)
+            tree = self._measure(live, root)
+            if len(tree.members) != len(live):
+                known.intersection_update(tree.members)
+            if usage is not None:
+                self._last[agent_id] = (usage, now, tree)
+            trees[agent_id] = tree
+        return trees
+
+    def _cgroup_members(self, known: set[Identity], root: Root) -> list[Identity]:
+        starts = dict(known)
+        members: list[Identity] = []
+        for pid in sorted({root.pid, *root.cgroup_pids()}):
+            start = starts.get(pid)
+            if start is None:  # new since the last look: one read of its stat for identity
+                entry = procfs.read_entry(pid)
+                if entry is None:
+                    continue
+                start = entry.start
+            members.append((pid, start))
+        # _measure drops what it cannot read (gone, or a pid reused within the group: its
+        # identity is then looked up afresh next time).
+        known.clear()
+        known.update(members)
+        return members
+
+    def _walk_children(self, known: set[Identity]) -> list[Identity]:
+        live: list[Identity] = []
+        seen: set[int] = set()
+        stack = list(known)
+        while stack:
+            pid, start = stack.pop()
+            if pid in seen:
+                continue
+            seen.add(pid)
+            if self._statm.resident_bytes(pid, start) is None:
+                known.discard((pid, start))
+                continue
+            live.append((pid, start))
+            for child in procfs.children_of(pid):
+                if child not in seen and (entry := procfs.read_entry(child)) is not None:
+                    known.add((child, entry.start))
+                    stack.append((child, entry.start))
+        return live
+
+    def remember(self, agent_id: str, members: Iterable[Identity]) -> None:
+        """Members known from before (a re-adopted agent's escaped descendants, say)."""
+        self._trees[agent_id].update(members)
+
+    def forget(self, agent_id: str) -> None:
+        self._trees.pop(agent_id, None)
+        self._last.pop(agent_id, None)
+
+    def close(self) -> None:
+        self._statm.close()
+
+    def _measure(self, live: list[Identity], root: Root) -> TreeSample:
+        members: list[Identity] = []
+        rss = 0
+        for pid, start in live:
+            size = self._statm.resident_bytes(pid, start)
+            # statm of a zombie (or of a process gone since the scan) has nothing to count.
+            if size is None or (size == 0 and _zombie(pid)):
+                continue
+            members.append((pid, start))
+            rss += size
+        mb = rss / MIB
+        metric: Metric = "rss"
+        if root.metric == "pss" and mb >= root.pss_from_mb:
+            pss = sum(procfs.pss_bytes(pid) or 0 for pid, _ in members)
+            mb, metric = pss / MIB, "pss"
+        # One order for the same tree however it was found, so unchanged trees compare equal.
+        members.sort()
+        return TreeSample(members=tuple(members), rss_bytes=rss, mb=round(mb, 1), metric=metric)
+
+    def _attribute_orphans(
+        self, table: Mapping[int, ProcEntry], roots: Mapping[str, Root], root_pids: set[int]
+    ) -> None:
+        """Claim processes that were reparented before a sample ever saw them in a tree."""
+        if not roots:
+            return
+        known = {ident for tree in self._trees.values() for ident in tree}
+        for entry in table.values():
+            ident = (entry.pid, entry.start)
+            if (
+                entry.ppid not in (1, self.daemon_pid)
+                or entry.pid in root_pids
+                or entry.zombie
+                or ident in known
+                or ident in self._unrelated
+            ):
+                continue
+            owner = procfs.environ_value(entry.pid, MARKER_ENV)
+            if owner is not None and owner in roots:
+                self._trees[owner].add(ident)
+            else:
+                self._unrelated.add(ident)
+        live = {(e.pid, e.start) for e in table.values()}
+        self._unrelated &= live
+
+
+def _usage(root: Root) -> int | None:
+    if root.cgroup is None:
+        return None
+    try:
+        return root.cgroup.usage_bytes()
+    except OSError:
+        return None
+
+
+def _zombie(pid: int) -> bool:
+    entry = procfs.read_entry(pid)
+    return entry is None or entry.zombie
+
+
+def _same(table: Mapping[int, ProcEntry], pid: int, start: int) -> bool:
+    entry = table.get(pid)
+    return entry is not None and entry.start == start
+
+
+def _walk(
+    table: Mapping[int, ProcEntry],
+    children: Mapping[int, list[int]],
+    seeds: Iterable[int],
+    other_roots: set[int],
+) -> list[Identity]:
+    seen: set[int] = set()
+    stack = list(seeds)
+    tree: list[Identity] = []
+    while stack:
+        pid = stack.pop()
+        if pid in seen or pid in other_roots:
+            continue
+        seen.add(pid)
+        entry = table[pid]
+        tree.append((pid, entry.start))
+        stack.extend(children.get(pid, ()))
+    return tree

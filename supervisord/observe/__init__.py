@@ -1,0 +1,1 @@
+"""What the daemon tells: record logs, metrics, webhooks, reports, top."""

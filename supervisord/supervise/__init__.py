@@ -1,0 +1,1 @@
+"""Agent ownership: the sampling loop, agent state, the event bus, launch planning."""

@@ -1,0 +1,220 @@
+"""One supervised agent: what the supervisor knows of it, and the records it produces."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from typing import Any
+
+import anyio
+
+from supervisord.core import cadence, policy
+from supervisord.core.clock import timestamps
+from supervisord.core.events import AlertEvent, ExitEvent, MemoryStats, Projection
+from supervisord.core.identity import Identity
+from supervisord.core.kinds import AlertKind, EndReason, Level
+from supervisord.core.limits import Limits
+from supervisord.core.policy import Alert
+from supervisord.core.records import AgentRecord
+from supervisord.core.tracker import Tracking
+from supervisord.host.cgroup.base import AgentCgroup
+from supervisord.host.launcher import UNKNOWN_EXIT, Child, ExitStatus
+
+
+@dataclass(eq=False)
+class Agent:
+    id: str
+    agent_type: str
+    command: tuple[str, ...]
+    child: Child
+    limits: Limits
+    overrides: Mapping[str, Any]
+    started_wall: datetime
+    state: policy.AgentState
+    owner_uid: int | None = None
+    members: tuple[Identity, ...] = ()
+    tracking: Tracking = field(default_factory=Tracking)
+    exit: ExitStatus | None = None
+    final: ExitEvent | None = None
+    done: anyio.Event = field(default_factory=anyio.Event)
+    next_due: float = 0.0
+    signalled_at: float | None = None  # when the first SIGTERM (or SIGKILL) went out
+    cgroup: AgentCgroup | None = None
+    cgroup_scope: anyio.CancelScope | None = None
+    _entry_key: tuple[Any, ...] | None = None
+    _entry: dict[str, Any] | None = None
+
+    def status_word(self) -> str:
+        if self.state.ending is not None and self.state.ending.aborted:
+            return "ABORTED"
+        return self.state.level.name
+
+    def stats(self, now: float) -> dict[str, Any]:
+        return {
+            "subprocess_id": self.id,
+            "agent_type": self.agent_type,
+            "pid": self.child.pid,
+            "command": list(self.command),
+            "current_mb": round(self.state.current_mb, 1),
+            "peak_mb": round(self.state.peak_mb, 1),
+            "start_mb": self.tracking.start_mb,
+            "level": self.state.level.name,
+            "status": self.status_word(),
+            "tree_pids": [pid for pid, _ in self.members],
+            "process_count": len(self.members),
+            "started_at": timestamps(self.started_wall)["timestamp"],
+            "duration_seconds": round(now - self.state.started_at, 1),
+            "warnings_count": len(self.state.warnings),
+            "warnings": list(self.state.warnings),
+            "ending": None if self.state.ending is None else self.state.ending.value,
+            "limits": self.limits.as_dict(),
+            "owner_uid": self.owner_uid,
+            **self.projection().as_dict(),
+        }
+
+    def projection(self) -> Projection:
+        """Growth rate and time to the hard limit at that rate (None: not growing)."""
+        growth = self.tracking.growth
+        if growth is None:
+            return Projection()
+        eta = cadence.time_to(growth, self.limits.max_mb)
+        return Projection(
+            growth_mb_s=round(growth.rate_mb_s, 1),
+            time_to_limit_s=None if eta is None else round(eta, 1),
+        )
+
+    def row(self, now: float) -> dict[str, Any]:
+        """The compact form ``status`` lists (``stats`` has everything)."""
+        return {
+            "subprocess_id": self.id,
+            "agent_type": self.agent_type,
+            "pid": self.child.pid,
+            "current_mb": round(self.state.current_mb, 1),
+            "peak_mb": round(self.state.peak_mb, 1),
+            "level": self.state.level.name,
+            "status": self.status_word(),
+            "ending": None if self.state.ending is None else self.state.ending.value,
+            "process_count": len(self.members),
+            "duration_seconds": round(now - self.state.started_at, 1),
+            "max_mb": self.limits.max_mb,
+        }
+
+    def alert_event(self, alert: Alert, system_memory: Mapping[str, float]) -> AlertEvent:
+        """The alerts-log record of one of the policy's alerts, with the figures that make it
+        actionable: growth, time to the limit, and for a signal the crossing-to-signal time."""
+        crossed = None
+        if alert.kind in (AlertKind.SIGTERM_SENT, AlertKind.SIGKILL_SENT) and (
+            self.tracking.crossed_at is not None and self.signalled_at is not None
+        ):
+            crossed = round(self.signalled_at - self.tracking.crossed_at, 4)
+        return AlertEvent(
+            kind=alert.kind,
+            subprocess_id=self.id,
+            agent_type=self.agent_type,
+            pid=self.child.pid,
+            current_mb=alert.current_mb,
+            threshold_mb=alert.threshold_mb,
+            message=alert.message,
+            system_memory=system_memory,
+            reason=self.state.ending,
+            projection=self.projection(),
+            crossed_to_term_s=crossed,
+        )
+
+    def exit_event(
+        self, now: float, *, cgroup_peak_mb: float | None = None, term_to_gone_s: float | None
+    ) -> ExitEvent:
+        """Its stats record, once the tree is gone."""
+        reason = self.state.ending or EndReason.EXITED
+        status = self.exit or UNKNOWN_EXIT
+        return ExitEvent(
+            subprocess_id=self.id,
+            agent_type=self.agent_type,
+            pid=self.child.pid,
+            command=self.command,
+            exit_code=status.exit_code,
+            signal=status.signal,
+            reason=reason,
+            memory=MemoryStats(
+                start_mb=self.tracking.start_mb if self.tracking.start_mb is not None else 0.0,
+                peak_mb=round(self.state.peak_mb, 1),
+                end_mb=round(self.tracking.end_mb, 1),
+                duration_seconds=round(now - self.state.started_at, 1),
+                warnings=self.state.warnings,
+                aborted=reason.aborted,
+                cgroup_peak_mb=cgroup_peak_mb,
+            ),
+            term_to_gone_s=term_to_gone_s,
+        )
+
+    def state_entry(self) -> tuple[bool, dict[str, Any]]:
+        """This agent's run/state.json entry, and whether it changed since last asked.
+
+        Rebuilt only when something a restarted daemon needs has changed (level, a new peak
+        MB, warnings, the tree's members, the limits), so an idle fleet costs no rewrites.
+        """
+        key = (
+            self.state.level,
+            round(self.state.peak_mb),
+            len(self.state.warnings),
+            self.state.ending,
+            self.members,
+            self.tracking.start_mb,
+            self.limits,
+        )
+        if key != self._entry_key or self._entry is None:
+            self._entry_key, self._entry = key, self.snapshot().as_dict()
+            return True, self._entry
+        return False, self._entry
+
+    def snapshot(self) -> AgentRecord:
+        """What run/state.json keeps of this agent."""
+        return AgentRecord(
+            subprocess_id=self.id,
+            agent_type=self.agent_type,
+            command=list(self.command),
+            pid=self.child.pid,
+            start=self.child.start,
+            started_wall=self.started_wall.isoformat(),
+            limits=self.limits.as_dict(),
+            overrides=dict(self.overrides),
+            owner_uid=self.owner_uid,
+            start_mb=self.tracking.start_mb,
+            peak_mb=round(self.state.peak_mb, 1),
+            end_mb=round(self.tracking.end_mb, 1),
+            warnings=list(self.state.warnings),
+            level=self.state.level.name,
+            ending=None if self.state.ending is None else self.state.ending.value,
+            members=[[pid, start] for pid, start in self.members],
+        )
+
+    @classmethod
+    def restore(cls, record: AgentRecord, child: Child, limits: Limits, now: float) -> Agent:
+        """An agent a previous daemon left running, as that daemon last saw it."""
+        started_wall = datetime.fromisoformat(record.started_wall)
+        age_s = max(0.0, (datetime.now(UTC) - started_wall).total_seconds())
+        state = policy.AgentState(
+            started_at=now - age_s,
+            level=Level[record.level],
+            peak_mb=record.peak_mb,
+            current_mb=record.end_mb,
+            warnings=tuple(record.warnings),
+        )
+        if record.ending is not None:
+            # It was being stopped: the escalation starts over (SIGTERM, then grace).
+            state, _ = policy.request_end(state, now, EndReason(record.ending), limits.term_grace_s)
+            state = replace(state, term_sent_at=now)
+        return cls(
+            id=record.subprocess_id,
+            agent_type=record.agent_type,
+            command=tuple(record.command),
+            child=child,
+            limits=limits,
+            overrides=record.overrides,
+            started_wall=started_wall,
+            state=state,
+            owner_uid=record.owner_uid,
+            members=tuple((pid, start) for pid, start in record.members),
+            tracking=Tracking(start_mb=record.start_mb, end_mb=record.end_mb),
+        )

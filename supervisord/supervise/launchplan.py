@@ -1,0 +1,84 @@
+"""What a launch request becomes before anything starts: command, memory check, spec.
+
+Pure decisions plus one look at system memory; the supervisor spawns what this plans.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from supervisord.config.settings import Config
+from supervisord.core.errors import LaunchError
+from supervisord.core.limits import Limits
+from supervisord.host.cgroup.base import AgentCgroup
+from supervisord.host.launcher import Credentials, LaunchSpec
+
+
+@dataclass(frozen=True, slots=True)
+class LaunchRequest:
+    agent_type: str
+    command: tuple[str, ...] | None = None
+    task: str | None = None
+    cwd: str | None = None
+    env: Mapping[str, str] = field(default_factory=dict)
+    limits: Mapping[str, Any] = field(default_factory=dict)
+    force: bool = False
+    user: Credentials | None = None
+    owner_uid: int | None = None
+
+
+def resolve_command(config: Config, request: LaunchRequest, config_file: Path) -> tuple[str, ...]:
+    """The request's command, or the type's ``[agents.<type>]`` template with ``{task}``."""
+    if request.command:
+        return tuple(request.command)
+    agent_type = config.agent_type(request.agent_type)
+    key = f"agents.{request.agent_type}.command"
+    if agent_type.command is None:
+        raise LaunchError(
+            f"no command for agent type {request.agent_type!r}: set {key} in "
+            f'{config_file} (e.g. command = ["claude", "-p", "{{task}}"]) or pass a command'
+        )
+    task = request.task or ""
+    command = tuple(arg.replace("{task}", task) for arg in agent_type.command)
+    if shutil.which(command[0]) is None:
+        raise LaunchError(
+            f"executable {command[0]!r} of {key} not found: install it or set {key} "
+            f"in {config_file}"
+        )
+    return command
+
+
+def refusal(request: LaunchRequest, limits: Limits, available_mb: float) -> str | None:
+    """Why the launch must not go ahead (the guide's "can create subprocess" check), if so."""
+    if request.force or available_mb >= limits.warning_mb:
+        return None
+    return (
+        f"launch of {request.agent_type} refused: {available_mb:.1f} MB available is below "
+        f"its warning_mb {limits.warning_mb:g} MB (free memory, lower warning_mb, or force)"
+    )
+
+
+def spec_for(
+    config: Config,
+    request: LaunchRequest,
+    subprocess_id: str,
+    command: tuple[str, ...],
+    log_path: Path,
+    cgroup: AgentCgroup | None,
+) -> LaunchSpec:
+    agent_type = config.agent_type(request.agent_type)
+    return LaunchSpec(
+        subprocess_id=subprocess_id,
+        agent_type=request.agent_type,
+        command=command,
+        log_path=log_path,
+        cwd=request.cwd or agent_type.cwd,
+        env={**os.environ, **agent_type.env, **request.env},
+        user=request.user,
+        cgroup=cgroup,
+    )

@@ -1,0 +1,450 @@
+"""The supervisor owns the agents: it samples, feeds the policy and carries out its actions.
+
+Nothing else mutates agent state. One sampling loop serves every agent: it scans /proc in a
+worker thread, steps each agent's policy and sleeps until the next interval or the next
+deadline (a grace period or timeout running out), or until something wakes it early.
+Persistence (``StateWriter``), signals (``enforcer``), records (``core.events``) and reaping
+(``reaper``) live at the edges; this module decides when each is called.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from contextlib import suppress
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+import anyio
+import anyio.lowlevel
+import structlog
+from anyio.abc import TaskGroup, TaskStatus
+
+from supervisord.config.home import Home
+from supervisord.config.settings import Config
+from supervisord.core import policy, tracker
+from supervisord.core.errors import (
+    CgroupError,
+    LaunchError,
+    LaunchRefused,
+    NotFoundError,
+    SupervisordError,
+)
+from supervisord.core.events import AlertEvent, Event, ExitEvent, LaunchEvent
+from supervisord.core.kinds import AlertKind, EndReason
+from supervisord.core.limits import Limits
+from supervisord.core.policy import Action, Alert, Signal
+from supervisord.core.records import AgentRecord, lost_event
+from supervisord.core.units import MIB
+from supervisord.host import enforcer, launcher, reaper
+from supervisord.host.cgroup.backstop import Backstop
+from supervisord.host.cgroup.base import AgentCgroup
+from supervisord.host.sampler import Root, Sampler, TreeSample
+from supervisord.host.statefile import StateWriter
+from supervisord.host.sysmem import system_memory
+from supervisord.supervise import launchplan
+from supervisord.supervise.agent import Agent
+from supervisord.supervise.bus import Broadcaster
+from supervisord.supervise.launchplan import LaunchRequest
+from supervisord.supervise.schedule import Schedule
+
+log = structlog.get_logger("supervisord.supervise.supervisor")
+SIGNAL_RECHECK_S = 0.1
+DISCOVERY_INTERVAL_S = 30.0
+APPLY_BATCH = 50
+
+
+class RecordSink(Protocol):
+    """Where alert and stats records are written (the event log)."""
+
+    def alert(self, event: AlertEvent) -> None: ...
+
+    def exit(self, event: ExitEvent) -> None: ...
+
+
+class Supervisor:
+    def __init__(
+        self,
+        config: Config,
+        home: Home,
+        records: RecordSink,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        reap_orphans: bool = False,
+        on_tick: Callable[[int], None] | None = None,
+        backstop: Backstop | None = None,
+    ) -> None:
+        self.config = config
+        self.backstop = backstop
+        self.cgroup_status: dict[str, Any] = {"in_force": "off", "reason": "not detected"}
+        self.home = home
+        self.records = records
+        self.bus: Broadcaster[Event] = Broadcaster()
+        self.clock = clock
+        self.reap_orphans = reap_orphans
+        self.on_tick = on_tick
+        self.agents: dict[str, Agent] = {}
+        self.state_writer = StateWriter(home.state_file, self._state_entries, clock=clock)
+        self._sampler = Sampler()
+        self._limiter = anyio.CapacityLimiter(1)
+        self._wake = anyio.Event()
+        self._tg: TaskGroup | None = None
+        self.schedule = Schedule(epoch=clock())
+        self.last_sample_s = 0.0
+        self.fast_samples = 0
+        self.full_scans = 0
+        self.loop_turns = 0
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        async with anyio.create_task_group() as tg:
+            self._tg = tg
+            tg.start_soon(self._sample_loop)
+            tg.start_soon(self.state_writer.run)
+            if self.reap_orphans:
+                tg.start_soon(reaper.reap_on_sigchld, self._agent_pids)
+            task_status.started()
+
+    # -- commands ---------------------------------------------------------------------------
+
+    async def launch(self, request: LaunchRequest) -> Agent:
+        assert self._tg is not None, "Supervisor.run() must be started first"
+        limits = self.config.limits_for(request.agent_type, request.limits)
+        command = launchplan.resolve_command(self.config, request, self.home.config_file)
+        subprocess_id = launcher.new_subprocess_id(request.agent_type)
+        refused = launchplan.refusal(request, limits, system_memory().available_mb)
+        if refused is not None:
+            self._publish_alert(
+                AlertEvent(
+                    kind=AlertKind.LAUNCH_REFUSED,
+                    subprocess_id=subprocess_id,
+                    agent_type=request.agent_type,
+                    pid=None,
+                    current_mb=0.0,
+                    threshold_mb=limits.warning_mb,
+                    message=refused,
+                    system_memory=system_memory().as_dict(),
+                    reason=EndReason.STOPPED,
+                )
+            )
+            raise LaunchRefused(refused)
+        cgroup = None if self.backstop is None else self.backstop.create(subprocess_id, limits)
+        log_path = self.home.agent_log(subprocess_id)
+        spec = launchplan.spec_for(self.config, request, subprocess_id, command, log_path, cgroup)
+        try:
+            child = launcher.spawn(spec)
+        except LaunchError:
+            if cgroup is not None:
+                cgroup.remove()
+            raise
+        now = self.clock()
+        agent = Agent(
+            id=subprocess_id,
+            agent_type=request.agent_type,
+            command=command,
+            child=child,
+            limits=limits,
+            overrides=dict(request.limits),
+            started_wall=datetime.now(UTC),
+            state=policy.AgentState(started_at=now),
+            owner_uid=request.owner_uid,
+            members=((child.pid, child.start),),
+            cgroup=cgroup,
+        )
+        self._register(agent)
+        await self.state_writer.written()
+        log.info(
+            "agent_launched", subprocess_id=subprocess_id, pid=child.pid, command=list(command)
+        )
+        self.bus.publish(LaunchEvent(agent.id, agent.agent_type, child.pid, agent.stats(now)))
+        return agent
+
+    def adopt(self, records: list[AgentRecord]) -> None:
+        """Carry on supervising agents a previous daemon left running (after a crash or a
+        ``shutdown --leave-agents``); record those that ended meanwhile as ``lost``."""
+        for record in records:
+            child = launcher.adopt(record.pid, record.start)
+            if child is None:
+                if self.backstop is not None and (
+                    gone := self.backstop.adopt(record.subprocess_id)
+                ):
+                    self._retire_later(gone)
+                lost = lost_event(record)
+                self.records.exit(lost)
+                self.bus.publish(lost)
+                log.warning("agent_lost", subprocess_id=record.subprocess_id, pid=record.pid)
+                continue
+            try:
+                limits = self.config.limits_for(record.agent_type, record.overrides)
+            except SupervisordError:
+                limits = Limits(**record.limits)  # Its type's section changed; keep its own.
+            agent = Agent.restore(record, child, limits, self.clock())
+            if self.backstop is not None:
+                agent.cgroup = self.backstop.adopt(agent.id)
+            self._sampler.remember(agent.id, agent.members)
+            self._register(agent)
+            log.info("agent_adopted", subprocess_id=agent.id, pid=child.pid)
+
+    def get(self, subprocess_id: str) -> Agent:
+        try:
+            return self.agents[subprocess_id]
+        except KeyError:
+            raise NotFoundError(f"no agent {subprocess_id}") from None
+
+    def sampling(self) -> dict[str, Any]:
+        """How the sampler is doing, for ``status``."""
+        return {
+            "full_scans": self.full_scans,
+            "fast_samples": self.fast_samples,
+            "loop_turns": self.loop_turns,
+            "last_scan_ms": round(self.last_sample_s * 1000, 2),
+            "open_statm_fds": self._sampler.open_fds,
+            "discovery_interval_s": self._discovery_interval(),
+        }
+
+    def stats(self) -> list[dict[str, Any]]:
+        now = self.clock()
+        return [agent.stats(now) for agent in self.agents.values()]
+
+    async def stop(
+        self,
+        subprocess_id: str,
+        grace_s: float | None = None,
+        reason: EndReason = EndReason.STOPPED,
+    ) -> ExitEvent:
+        """End one agent with the usual escalation; its stats record once the tree is gone."""
+        agent = self.get(subprocess_id)
+        grace = agent.limits.term_grace_s if grace_s is None else grace_s
+        agent.state, actions = policy.request_end(agent.state, self.clock(), reason, grace)
+        self._carry_out(agent, actions)
+        self._wake.set()
+        await agent.done.wait()
+        assert agent.final is not None
+        return agent.final
+
+    async def stop_all(self, reason: EndReason = EndReason.DAEMON_SHUTDOWN) -> None:
+        async with anyio.create_task_group() as tg:
+            for subprocess_id in list(self.agents):
+                tg.start_soon(self._stop_quietly, subprocess_id, reason)
+
+    def apply_config(self, config: Config) -> None:
+        """New thresholds for running agents (``reload``); their launch overrides still win."""
+        for agent in self.agents.values():
+            agent.limits = config.limits_for(agent.agent_type, agent.overrides)
+            if self.backstop is not None and agent.cgroup is not None:
+                self.backstop.apply(agent.cgroup, agent.limits)
+        self.config = config
+        self._wake.set()
+
+    # -- bookkeeping ------------------------------------------------------------------------
+
+    def _register(self, agent: Agent) -> None:
+        assert self._tg is not None, "Supervisor.run() must be started first"
+        self.agents[agent.id] = agent
+        self._tg.start_soon(self._watch_exit, agent)
+        if self.backstop is not None and agent.cgroup is not None:
+            self._tg.start_soon(self._watch_cgroup, agent, self.backstop, agent.cgroup)
+        self.state_writer.request(force=True)
+        self._wake.set()
+
+    def _retire_later(self, cgroup: AgentCgroup) -> None:
+        """Remove an agent's cgroup once the kernel lets go of it (off the event loop)."""
+        if self.backstop is not None and self._tg is not None:
+            self._tg.start_soon(self.backstop.retire, cgroup)
+
+    def _state_entries(self) -> list[tuple[bool, dict[str, Any]]]:
+        return [agent.state_entry() for agent in self.agents.values()]
+
+    def _agent_pids(self) -> set[int]:
+        return {a.child.pid for a in self.agents.values()}
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    async def _sample_loop(self) -> None:
+        while True:
+            self._wake = anyio.Event()
+            self.loop_turns += 1
+            now = self.clock()
+            due = [a for a in self.agents.values() if self.schedule.due(a) <= now]
+            if self.schedule.full_scan_due(now, due, self.config, self._discovery_interval()):
+                await self.sample_once()
+            elif due:
+                await self._sample_fast(due)
+            self.state_writer.request()
+            if self.on_tick is not None:
+                # The watchdog hears from this loop itself: if it stalls, systemd notices.
+                self.on_tick(len(self.agents))
+            with anyio.move_on_after(self.schedule.delay(self.agents.values(), self.clock())):
+                await self._wake.wait()
+
+    def _discovery_interval(self) -> float:
+        """How often all of /proc is scanned. Agents in a memory cgroup need no scan to find
+        their members (the group lists them), only to reap orphans; others need one a tick."""
+        if self.backstop is not None and all(a.cgroup for a in self.agents.values()):
+            return max(DISCOVERY_INTERVAL_S, self.config.check_interval_s)
+        return self.config.check_interval_s
+
+    def request_full_scan(self) -> None:
+        """Rediscover every tree now (an agent's own process ended: orphans to find)."""
+        self.schedule.full_due = 0.0
+        self._wake.set()
+
+    async def sample_once(self) -> None:
+        """One /proc scan for every tree: discovery of new and reparented descendants."""
+        roots = {a.id: self._root(a) for a in self.agents.values()}
+        started = time.perf_counter()
+        result = await anyio.to_thread.run_sync(self._sampler.sample, roots, limiter=self._limiter)
+        self.last_sample_s = time.perf_counter() - started
+        self.full_scans += 1
+        await self._apply_all(result.trees)
+        if self.reap_orphans:
+            reaper.reap(result.orphan_zombies)
+
+    async def _sample_fast(self, agents: list[Agent]) -> None:
+        """Only the trees that need a look before the next full scan, from kept-open fds."""
+        roots = {a.id: self._root(a) for a in agents}
+        trees = await anyio.to_thread.run_sync(
+            self._sampler.sample_fast, roots, limiter=self._limiter
+        )
+        self.fast_samples += 1
+        await self._apply_all(trees)
+
+    async def _apply_all(self, trees: Mapping[str, TreeSample]) -> None:
+        now = self.clock()
+        for n, (agent_id, tree) in enumerate(trees.items(), 1):
+            agent = self.agents.get(agent_id)
+            if agent is not None:
+                self._apply_sample(agent, tree, now)
+            if n % APPLY_BATCH == 0:
+                # Hundreds of agents in one tick: let waiting clients in between batches.
+                await anyio.lowlevel.checkpoint()
+
+    def _root(self, agent: Agent) -> Root:
+        limits = agent.limits
+        return Root(
+            agent.child.pid, agent.child.start, limits.metric, 0.9 * limits.warning_mb, agent.cgroup
+        )
+
+    def _apply_sample(self, agent: Agent, tree: TreeSample, now: float) -> None:
+        step = tracker.apply_sample(
+            agent.state,
+            agent.tracking,
+            agent.limits,
+            now,
+            tree.mb if tree.members else None,
+            unchanged=tree.unchanged,
+            exited=agent.exit is not None,
+        )
+        agent.state, agent.tracking = step.state, step.tracking
+        if not step.skipped:
+            agent.members = tree.members
+        self._carry_out(agent, step.actions)
+        if agent.exit is not None and not tree.members:
+            self._finish(agent)
+            return
+        self.schedule.reschedule(agent, now, self.config)
+
+    async def _watch_exit(self, agent: Agent) -> None:
+        agent.exit = await launcher.wait_exit(agent.child)
+        log.info("agent_exited", subprocess_id=agent.id, status=agent.exit.describe())
+        # What the agent leaves behind is stopped too: an orphaned helper is still its tree.
+        agent.state, actions = policy.root_exited(
+            agent.state, self.clock(), agent.limits.term_grace_s
+        )
+        self._carry_out(agent, actions)
+        self.request_full_scan()
+
+    async def _watch_cgroup(self, agent: Agent, backstop: Backstop, cgroup: AgentCgroup) -> None:
+        """The kernel's view of the tree: usage at max_mb, the ceiling reached."""
+
+        def at_threshold() -> None:
+            agent.next_due = self.clock()  # look now, not at the next tick
+            self._wake.set()
+
+        def at_ceiling(mb: float) -> None:
+            agent.state, actions = policy.kernel_oom(
+                agent.state, self.clock(), mb, backstop.ceiling_mb(agent.limits)
+            )
+            self._carry_out(agent, actions)
+
+        with anyio.CancelScope() as scope:
+            agent.cgroup_scope = scope
+            try:
+                await backstop.watch(cgroup, agent.limits.max_mb, at_threshold, at_ceiling)
+            except* (CgroupError, OSError) as group:
+                # The group went away under us (an agent that ended at once, its group
+                # already removed): one agent's watcher, never the daemon. Polling carries on.
+                errors = [str(exc) for exc in group.exceptions]
+                log.warning("cgroup_watch_failed", subprocess_id=agent.id, errors=errors)
+
+    async def _stop_quietly(self, subprocess_id: str, reason: EndReason) -> None:
+        with suppress(NotFoundError):  # It may have ended on its own meanwhile.
+            await self.stop(subprocess_id, reason=reason)
+
+    # -- actions ----------------------------------------------------------------------------
+
+    def _carry_out(self, agent: Agent, actions: list[Action]) -> None:
+        # Signals first: the records can wait a millisecond, a tree at its limit cannot.
+        for action in actions:
+            if isinstance(action, Signal):
+                self._send(agent, action)
+        for action in actions:
+            if isinstance(action, Alert):
+                self._publish_alert(agent.alert_event(action, system_memory().as_dict()))
+
+    def _send(self, agent: Agent, action: Signal) -> None:
+        if agent.signalled_at is None:
+            agent.signalled_at = self.clock()
+        pid = agent.child.pid
+        sent = enforcer.signal_agent(
+            agent.child.pidfd, pid, agent.members, action.signal, agent.cgroup
+        )
+        # Look again soon: the tree may be gone, or may need SIGKILL for a new child.
+        agent.next_due = min(agent.next_due, self.clock() + SIGNAL_RECHECK_S)
+        if sent:
+            log.info(
+                "signal_sent",
+                subprocess_id=agent.id,
+                signal=action.signal.name,
+                reason=action.reason.value,
+                pids=sent,
+            )
+
+    def _publish_alert(self, event: AlertEvent) -> None:
+        self.records.alert(event)
+        log.warning(
+            "memory_alert",
+            subprocess_id=event.subprocess_id,
+            alert_event=event.kind.value,
+            message=event.message,
+        )
+        self.bus.publish(event)
+
+    def _finish(self, agent: Agent) -> None:
+        assert agent.exit is not None
+        now = self.clock()
+        peak_mb = None
+        if agent.cgroup is not None:
+            with suppress(OSError):
+                # The kernel's own high-water mark of the tree: every byte, never sampled.
+                peak = agent.cgroup.peak_bytes()
+                if peak is not None:
+                    peak_mb = round(peak / MIB, 1)
+        gone_s = None if agent.signalled_at is None else round(now - agent.signalled_at, 4)
+        event = agent.exit_event(now, cgroup_peak_mb=peak_mb, term_to_gone_s=gone_s)
+        self.records.exit(event)
+        agent.final = event
+        del self.agents[agent.id]
+        self._sampler.forget(agent.id)
+        if agent.cgroup_scope is not None:
+            agent.cgroup_scope.cancel()
+        if agent.cgroup is not None:
+            self._retire_later(agent.cgroup)
+        self.state_writer.request(force=True)
+        log.info(
+            "agent_finished",
+            subprocess_id=agent.id,
+            reason=event.reason.value,
+            peak_mb=round(agent.state.peak_mb, 1),
+        )
+        self.bus.publish(event)
+        agent.done.set()
