@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test check lint types bench clean
+.PHONY: demo test check lint types imports bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,7 +25,11 @@ lint: $(STAMP)
 types: $(STAMP)
 	$(BIN)/mypy
 
-check: lint types test
+# The layers and the stdlib-only core (pyproject.toml [tool.importlinter]).
+imports: $(STAMP)
+	$(BIN)/lint-imports
+
+check: lint types imports test
 
 bench: $(STAMP)
 	$(BIN)/python -m bench

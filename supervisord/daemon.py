@@ -186,16 +186,8 @@ async def serve(
         listener, socket_path, release_socket = await _listen(config, home, inherited, stack)
         home.pid_file.write_text(f"{os.getpid()}\n")
         stack.callback(home.pid_file.unlink, missing_ok=True)
-        eventlog = EventLog(home, config.daemon.log_max_bytes, config.daemon.log_backups)
-        stack.callback(eventlog.close)
         records, problems = statefile.load(home.state_file)
-        backstop, cgroup_status = open_backstop(config, home, records)
-        if backstop is not None:
-            stack.callback(backstop.close)
-        supervisor = Supervisor(
-            config, home, eventlog, reap_orphans=reap_orphans, on_tick=on_tick, backstop=backstop
-        )
-        supervisor.cgroup_status = cgroup_status
+        supervisor = _supervisor(config, home, records, stack, reap_orphans, on_tick)
         daemon = Daemon(
             home=home,
             config_path=config_path or home.config_file,
@@ -229,6 +221,27 @@ async def serve(
             await _stop(daemon, server, release_socket)
             tg.cancel_scope.cancel()
         log.info("daemon_stopped")
+
+
+def _supervisor(
+    config: Config,
+    home: Home,
+    records: list[AgentRecord],
+    stack: ExitStack,
+    reap_orphans: bool,
+    on_tick: Callable[[int], None] | None,
+) -> Supervisor:
+    """The supervisor with its record logs and, where the kernel allows, the cgroup backstop."""
+    eventlog = EventLog(home, config.daemon.log_max_bytes, config.daemon.log_backups)
+    stack.callback(eventlog.close)
+    backstop, cgroup_status = open_backstop(config, home, records)
+    if backstop is not None:
+        stack.callback(backstop.close)
+    supervisor = Supervisor(
+        config, home, eventlog, reap_orphans=reap_orphans, on_tick=on_tick, backstop=backstop
+    )
+    supervisor.cgroup_status = cgroup_status
+    return supervisor
 
 
 async def _listen(

@@ -13,6 +13,7 @@ import socket
 import sys
 import time
 from contextlib import suppress
+from functools import partial
 from pathlib import Path
 
 import anyio
@@ -85,32 +86,22 @@ async def _main(
     heartbeat = _Heartbeat(notifier, watchdog_s)
     async with anyio.create_task_group() as tg:
         try:
-            socket_path = await tg.start(_serve, config, home, inherited, subreaper, heartbeat)
+            socket_path = await tg.start(
+                partial(
+                    daemon.serve,
+                    config,
+                    home,
+                    inherited=inherited,
+                    reap_orphans=subreaper,
+                    on_tick=heartbeat,
+                )
+            )
         except BaseException as exc:
             _report_ready(ready_fd, f"error: {exc}")
             raise
         notifier.ready(f"listening on {socket_path}")
         _report_ready(ready_fd, "ready")
     notifier.stopping()
-
-
-async def _serve(
-    config: Config,
-    home: Home,
-    inherited: socket.socket | None,
-    subreaper: bool,
-    heartbeat: _Heartbeat,
-    *,
-    task_status: anyio.abc.TaskStatus[Path] = anyio.TASK_STATUS_IGNORED,
-) -> None:
-    await daemon.serve(
-        config,
-        home,
-        inherited=inherited,
-        reap_orphans=subreaper,
-        on_tick=heartbeat,
-        task_status=task_status,
-    )
 
 
 class _Heartbeat:

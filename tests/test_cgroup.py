@@ -34,6 +34,7 @@ from supervisord.core.units import MIB, mb_to_bytes
 from supervisord.host.cgroup import base as cgroup_base
 from supervisord.host.cgroup.base import SHIM_FAILED_EXIT, AgentCgroup, CgroupManager, drain
 from supervisord.host.cgroup.detect import detect, group_name
+from tests.cgroup_helpers import kill_group, shim_command
 
 V1_MOUNT = Path("/sys/fs/cgroup/memory")
 AGENTS = Path(__file__).parent / "agents"
@@ -121,7 +122,7 @@ def _remove_all(manager: CgroupManager) -> list[str]:
     """Kill and remove every agent group, then the daemon's group; returns what survived."""
     for subprocess_id in manager.agent_ids():
         group = manager.adopt(subprocess_id)
-        group.kill(timeout_s=5)
+        kill_group(group, timeout_s=5)
         group.remove(timeout_s=5)
     manager.remove(timeout_s=5)
     return [str(manager.path)] if manager.path.exists() else []
@@ -290,7 +291,7 @@ def test_v1_create_sets_ceiling_and_disables_the_oom_killer(v1: CgroupManager) -
 def test_v1_placement_happens_before_exec(v1: CgroupManager, procs: Processes) -> None:
     group = v1.create(_new_id(), CEILING)
     show = [PYTHON, "-c", "import os; print(os.getpid()); print(open('/proc/self/cgroup').read())"]
-    popen = procs.start(group.placement_command(show), stdout=subprocess.PIPE)
+    popen = procs.start(shim_command(group, show), stdout=subprocess.PIPE)
     out, _ = popen.communicate(timeout=10)
     lines = out.decode().splitlines()
     assert int(lines[0]) == popen.pid  # The shim exec'd the agent: same pid, no extra process.
@@ -317,7 +318,7 @@ def test_v1_placement_happens_before_exec(v1: CgroupManager, procs: Processes) -
 
     # Where joining fails, the agent never runs (outside the group) and the exit says why.
     refused = procs.start(
-        group.placement_command(["/bin/true"]), as_nobody=True, stderr=subprocess.DEVNULL
+        shim_command(group, ["/bin/true"]), as_nobody=True, stderr=subprocess.DEVNULL
     )
     assert refused.wait(timeout=10) == SHIM_FAILED_EXIT
     assert group.remove()
@@ -333,7 +334,7 @@ async def test_v1_hog_never_exceeds_ceiling_and_oom_eventfd_kills_tree(
     oom_fd = group.oom_eventfd()
     try:
         started = time.monotonic()
-        hog = procs.start(group.placement_command(HOG))
+        hog = procs.start(shim_command(group, HOG))
         with anyio.fail_after(15):
             await anyio.wait_readable(oom_fd)
         at_oom = time.monotonic()
@@ -342,7 +343,7 @@ async def test_v1_hog_never_exceeds_ceiling_and_oom_eventfd_kills_tree(
         usage = group.usage_bytes()
         assert usage <= CEILING
         assert hog.pid in group.pids()
-        killed = await anyio.to_thread.run_sync(group.kill)
+        killed = await anyio.to_thread.run_sync(kill_group, group)
         gone = time.monotonic()
         assert killed
         assert hog.wait(timeout=5) == -signal.SIGKILL
@@ -392,7 +393,7 @@ async def test_v1_threshold_eventfd_wakes_in_time_for_sigterm(
     observer = UsageObserver(group, threshold)
     try:
         observer.start()
-        hog = procs.start(group.placement_command(HOG))
+        hog = procs.start(shim_command(group, HOG))
         hog_fd = procs.pidfds[hog.pid]
         with anyio.fail_after(15):
             await anyio.wait_readable(term_fd)
@@ -425,7 +426,7 @@ async def test_v1_threshold_eventfd_wakes_in_time_for_sigterm(
     finally:
         observer.stop.set()
         os.close(term_fd)
-    assert await anyio.to_thread.run_sync(group.kill)
+    assert await anyio.to_thread.run_sync(kill_group, group)
     assert group.remove()
 
 
@@ -450,7 +451,8 @@ async def test_v1_escaped_grandchild_is_counted_and_killed(
     group = v1.create(_new_id(), CEILING)
     pidfile = tmp_path / "escaped"
     agent = procs.start(
-        group.placement_command(
+        shim_command(
+            group,
             [
                 PYTHON,
                 str(AGENTS / "escaper.py"),
@@ -462,7 +464,7 @@ async def test_v1_escaped_grandchild_is_counted_and_killed(
                 "0.1",
                 "--pidfile",
                 str(pidfile),
-            ]
+            ],
         ),
         env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)},
     )
@@ -480,7 +482,7 @@ async def test_v1_escaped_grandchild_is_counted_and_killed(
     # touched them, so compare anonymous memory, not RSS).
     await _wait_for(lambda: _rss_anon_bytes(escaped) >= 75 * MIB, 10, "the leak to grow")
     assert group.usage_bytes() >= _rss_anon_bytes(escaped) >= 75 * MIB
-    killed = await anyio.to_thread.run_sync(group.kill)
+    killed = await anyio.to_thread.run_sync(kill_group, group)
     assert killed
     await _wait_exit(escaped_fd, 5)
     assert agent.wait(timeout=5) == -signal.SIGKILL
@@ -498,7 +500,7 @@ async def test_v1_remove_waits_for_members_and_leftovers_are_sorted(
     busy = v1.create(busy_id, CEILING)
     v1.create(empty_id, CEILING).close()
     v1.create(known_id, CEILING).close()
-    sleeper = procs.start(busy.placement_command(["sleep", "60"]))
+    sleeper = procs.start(shim_command(busy, ["sleep", "60"]))
     await _wait_for(lambda: sleeper.pid in busy.pids(), 5, "the sleeper to join")
     assert not busy.remove(timeout_s=0.05)  # EBUSY while a member lives; the group stays usable.
     assert busy.path.is_dir()
@@ -515,7 +517,7 @@ async def test_v1_remove_waits_for_members_and_leftovers_are_sorted(
     adopted = restarted.adopt(busy_id)
     assert adopted.pids() == [sleeper.pid]
     assert not restarted.remove()  # Agent groups remain in it.
-    assert await anyio.to_thread.run_sync(adopted.kill)
+    assert await anyio.to_thread.run_sync(kill_group, adopted)
     assert sleeper.wait(timeout=5) == -signal.SIGKILL
     assert adopted.remove()
     busy.close()
@@ -525,13 +527,13 @@ async def test_v1_remove_waits_for_members_and_leftovers_are_sorted(
 def test_v1_create_refuses_an_occupied_leftover(v1: CgroupManager, procs: Processes) -> None:
     subprocess_id = _new_id()
     group = v1.create(subprocess_id, CEILING)
-    sleeper = procs.start(group.placement_command(["sleep", "60"]))
+    sleeper = procs.start(shim_command(group, ["sleep", "60"]))
     deadline = time.monotonic() + 5
     while sleeper.pid not in group.pids() and time.monotonic() < deadline:
         time.sleep(0.005)
     with pytest.raises(CgroupError, match="exists and has processes"):
         v1.create(subprocess_id, CEILING)
-    assert group.kill()
+    assert kill_group(group)
     # An empty leftover of the same id is reused, with its ceiling set anew.
     again = v1.create(subprocess_id, 100 * MIB)
     assert again.limit_bytes() == 100 * MIB
@@ -566,7 +568,7 @@ def test_v2_real_hierarchy_or_why_not(procs: Processes) -> None:
         group = manager.create(_new_id(), CEILING)
         oom_fd = group.oom_eventfd()
         try:
-            hog = procs.start(group.placement_command(HOG))
+            hog = procs.start(shim_command(group, HOG))
             assert hog.wait(timeout=15) == -signal.SIGKILL  # memory.oom.group kills the tree.
             assert group.oom_killed()
             peak = group.peak_bytes()
@@ -574,7 +576,7 @@ def test_v2_real_hierarchy_or_why_not(procs: Processes) -> None:
             assert drain(oom_fd) >= 1
         finally:
             os.close(oom_fd)
-        assert group.kill()
+        assert kill_group(group)
         assert group.remove()
     finally:
         assert _remove_all(manager) == []
@@ -751,19 +753,15 @@ async def test_v2_agent_protocol(fake: FakeCgroupfs, tmp_path: Path, procs: Proc
     group.set_limit(400 * MIB)
     assert fake.writes == [(f"{rel}/memory.max", str(400 * MIB))]
 
-    # Usage comes from the kept-open memory.current; working set leaves out inactive cache.
+    # Usage comes from the kept-open memory.current.
     (group.path / "memory.current").write_text(f"{123 * MIB}\n")
-    (group.path / "memory.stat").write_text(f"anon {100 * MIB}\ninactive_file {20 * MIB}\n")
     assert group.usage_bytes() == 123 * MIB
-    assert group.working_set_bytes() == 103 * MIB
     assert group.peak_bytes() == 0
 
     # The threshold is memory.high; the fd wakes when memory.events changes.
     fake.writes.clear()
     term_fd = group.threshold_eventfd(mb_to_bytes(MAX_MB))
     oom_fd = group.oom_eventfd()
-    empty_fd = group.empty_eventfd()
-    assert empty_fd is not None
     try:
         assert fake.writes == [(f"{rel}/memory.high", str(300 * MIB))]
         assert drain(term_fd) == 0
@@ -781,7 +779,7 @@ async def test_v2_agent_protocol(fake: FakeCgroupfs, tmp_path: Path, procs: Proc
 
         # Placement: the shim writes its own pid, then execs the agent (same pid).
         popen = procs.start(
-            group.placement_command(["/bin/sh", "-c", "echo $$"]), stdout=subprocess.PIPE
+            shim_command(group, ["/bin/sh", "-c", "echo $$"]), stdout=subprocess.PIPE
         )
         out, _ = popen.communicate(timeout=10)
         assert int(out) == popen.pid
@@ -798,18 +796,14 @@ async def test_v2_agent_protocol(fake: FakeCgroupfs, tmp_path: Path, procs: Proc
         assert stdin == "/dev/null"
         assert (group.path / "cgroup.procs").read_text().split() == [pid]
 
-        # kill(): one write to cgroup.kill, then wait for "populated 0".
+        # Members are cgroup.procs; emptiness is cgroup.events' "populated".
         fake.set_procs(group.path, ["4000001", "4000002"])
         assert group.pids() == [4000001, 4000002]
         assert not group.empty()
-        fake.writes.clear()
-        assert group.kill(timeout_s=2)
-        assert fake.writes == [(f"{rel}/cgroup.kill", "1")]
+        fake.set_procs(group.path, [])
         assert group.empty()
-        with anyio.fail_after(5):
-            await anyio.wait_readable(empty_fd)
     finally:
-        for fd in (term_fd, oom_fd, empty_fd):
+        for fd in (term_fd, oom_fd):
             os.close(fd)
     assert group.remove()
     assert not group.path.exists()
@@ -825,13 +819,9 @@ def test_v2_leftovers_and_bounded_waits(fake: FakeCgroupfs, tmp_path: Path) -> N
     assert leftovers.removed == ("a_000000000001",)
     assert leftovers.populated == ("a_000000000002",)
     assert not busy.remove(timeout_s=0.02)  # EBUSY, bounded.
-    # A kernel without cgroup.kill (< 5.14): signals instead, bounded by the timeout; the
-    # fake pid is not in the group according to /proc, so nothing is signalled.
-    (busy.path / "cgroup.kill").unlink()
-    assert not busy.kill(timeout_s=0.02)
+    # The fake pid is not in the group according to /proc, so nothing is signalled.
     assert busy.signal_all(signal.SIGKILL) == []
     fake.set_procs(busy.path, [])
-    assert busy.kill(timeout_s=0.02)
     assert busy.remove()
     assert manager.remove()
 
@@ -845,7 +835,7 @@ async def v1_group(v1: CgroupManager) -> AsyncIterator[AgentCgroup]:
     try:
         yield group
     finally:
-        await anyio.to_thread.run_sync(group.kill)
+        await anyio.to_thread.run_sync(kill_group, group)
         group.remove(timeout_s=5)
 
 

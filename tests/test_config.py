@@ -62,7 +62,7 @@ def test_defaults_without_file_or_environment(tmp_path: Path) -> None:
         parse_config({}),
     ):
         assert config.limits.as_dict() == DEFAULT_LIMITS
-        assert config.check_interval_s == 2.0
+        assert config.daemon.check_interval_s == 2.0
         assert config.agents == {}
     assert load_config(tmp_path / "absent.toml", {}).sources == ("defaults",)
     public = load_config(None, {}).public()
@@ -95,7 +95,7 @@ def test_file_overrides_defaults(tmp_path: Path) -> None:
         timeout_s=600.0,
         metric="pss",
     )
-    assert config.check_interval_s == 0.5
+    assert config.daemon.check_interval_s == 0.5
     assert config.daemon.log_max_bytes == 1000
     assert config.daemon.log_backups == 2
     assert config.daemon.socket == "s.sock"
@@ -119,7 +119,7 @@ def test_environment_overrides_file(tmp_path: Path) -> None:
         1500.5,
         3000.0,
     )
-    assert config.check_interval_s == 0.25
+    assert config.daemon.check_interval_s == 0.25
     assert config.sources[:2] == ("defaults", str(path))
     assert_mentions(config.sources[2], "environment", "CLAUDE_PM_MEMORY_WARNING_MB")
 
@@ -417,7 +417,7 @@ def test_write_default_config_reads_back_as_the_defaults(tmp_path: Path) -> None
     assert path.is_file()
     config = load_config(path, {})
     assert config.limits.as_dict() == DEFAULT_LIMITS
-    assert config.check_interval_s == 2.0
+    assert config.daemon.check_interval_s == 2.0
     assert config.daemon.log_max_bytes == 100 * 1024 * 1024
     assert config.agent_type("engineer").command == ("claude", "-p", "{task}")
     assert config.sources == ("defaults", str(path))
@@ -454,9 +454,9 @@ def test_shipped_profile_loads(path: Path) -> None:
         assert (limits.warning_mb, limits.critical_mb, limits.max_mb) == expected
     if path.name == "supervisord.toml":
         assert limits.as_dict() == DEFAULT_LIMITS
-        assert config.check_interval_s == 2.0
+        assert config.daemon.check_interval_s == 2.0
     if path.name == "development.toml":
-        assert config.check_interval_s == 1.0
+        assert config.daemon.check_interval_s == 1.0
     for name in config.agents:
         config.limits_for(name)  # every type is launchable with its limits
 

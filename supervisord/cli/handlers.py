@@ -66,7 +66,7 @@ def _threshold_drift(home: Home) -> list[str]:
     with Client(resolve_socket(home)) as client:
         memory = client.status()["config"]["memory"]
     wanted = load_config(home.config_file).limits.as_dict()
-    wanted["check_interval_s"] = load_config(home.config_file).check_interval_s
+    wanted["check_interval_s"] = load_config(home.config_file).daemon.check_interval_s
     drift = []
     for var, key in ENV_THRESHOLDS.items():
         if var in environment_overrides() and float(memory[key]) != float(wanted[key]):
@@ -253,6 +253,6 @@ def cmd_top(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from supervisord import demo
+    from supervisord.cli import demo
 
     return demo.run()

@@ -89,10 +89,6 @@ class Config:
     alerts: AlertSettings = field(default_factory=AlertSettings)
     cgroup: CgroupSettings = field(default_factory=CgroupSettings)
 
-    @property
-    def check_interval_s(self) -> float:
-        return self.daemon.check_interval_s
-
     def agent_type(self, name: str) -> AgentType:
         validate_agent_type(name)
         return self.agents.get(name) or AgentType(name=name)
@@ -107,7 +103,7 @@ class Config:
     def public(self) -> dict[str, Any]:
         """What ``status`` reports as the config in force."""
         return {
-            "memory": {**self.limits.as_dict(), "check_interval_s": self.check_interval_s},
+            "memory": {**self.limits.as_dict(), "check_interval_s": self.daemon.check_interval_s},
             "monitoring_enabled": self.limits.enabled,
             "agent_types": sorted(self.agents),
             "sources": list(self.sources),

@@ -26,7 +26,6 @@ from supervisord.control import protocol
 from supervisord.core.errors import (
     DaemonNotRunning,
     NotFoundError,
-    SupervisordError,
 )
 from supervisord.core.kinds import EventType
 
@@ -313,6 +312,3 @@ class AsyncClient(_Commands):
     async def _events(self) -> AsyncIterator[dict[str, Any]]:
         while line := await self._readline():
             yield protocol.decode_event(line)
-
-
-__all__ = ["AsyncClient", "Client", "SupervisordError", "resolve_socket"]

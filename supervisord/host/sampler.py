@@ -75,7 +75,6 @@ class ScanResult:
     trees: Mapping[str, TreeSample]
     # Adopted orphans that died: the daemon (their parent by subreaping) must reap them.
     orphan_zombies: tuple[int, ...] = ()
-    processes: int = 0
 
 
 @dataclass
@@ -117,7 +116,7 @@ class Sampler:
             for e in table.values()
             if e.zombie and e.ppid == self.daemon_pid and e.pid not in root_pids
         )
-        return ScanResult(trees=trees, orphan_zombies=zombies, processes=len(table))
+        return ScanResult(trees=trees, orphan_zombies=zombies)
 
     def sample_fast(self, roots: Mapping[str, Root]) -> dict[str, TreeSample]:
         """The given trees only, without scanning /proc.

@@ -224,10 +224,7 @@ class WebhookSender:
     async def run(self, client: httpx.AsyncClient) -> None:
         async with self._receive:
             async for notice in self._receive:
-                await self.deliver(client, notice)
-
-    async def deliver(self, client: httpx.AsyncClient, notice: Notice) -> bool:
-        return await deliver(client, self.hook, notice, self.host)
+                await deliver(client, self.hook, notice, self.host)
 
 
 async def deliver(client: httpx.AsyncClient, hook: Webhook, notice: Notice, host: str) -> bool:

@@ -14,6 +14,8 @@ from typing import Any
 
 from supervisord.config.settings import Config
 from supervisord.core.errors import LaunchError
+from supervisord.core.events import AlertEvent
+from supervisord.core.kinds import AlertKind, EndReason
 from supervisord.core.limits import Limits
 from supervisord.host.cgroup.base import AgentCgroup
 from supervisord.host.launcher import Credentials, LaunchSpec
@@ -53,14 +55,37 @@ def resolve_command(config: Config, request: LaunchRequest, config_file: Path) -
     return command
 
 
-def refusal(request: LaunchRequest, limits: Limits, available_mb: float) -> str | None:
-    """Why the launch must not go ahead (the guide's "can create subprocess" check), if so."""
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """A launch that must not go ahead (the guide's "can create subprocess" check)."""
+
+    agent_type: str
+    warning_mb: float
+    message: str
+
+    def alert(self, subprocess_id: str, system_memory: Mapping[str, float]) -> AlertEvent:
+        return AlertEvent(
+            kind=AlertKind.LAUNCH_REFUSED,
+            subprocess_id=subprocess_id,
+            agent_type=self.agent_type,
+            pid=None,
+            current_mb=0.0,
+            threshold_mb=self.warning_mb,
+            message=self.message,
+            system_memory=system_memory,
+            reason=EndReason.STOPPED,
+        )
+
+
+def refusal(request: LaunchRequest, limits: Limits, available_mb: float) -> Refusal | None:
+    """Why the launch must not go ahead, if so: less memory available than its warning_mb."""
     if request.force or available_mb >= limits.warning_mb:
         return None
-    return (
+    message = (
         f"launch of {request.agent_type} refused: {available_mb:.1f} MB available is below "
         f"its warning_mb {limits.warning_mb:g} MB (free memory, lower warning_mb, or force)"
     )
+    return Refusal(request.agent_type, limits.warning_mb, message)
 
 
 def spec_for(

@@ -33,13 +33,13 @@ class Schedule:
         """
         fold = config.daemon.min_interval_s
         if now >= self.full_due or (due and self.full_due - now <= fold):
-            interval = config.check_interval_s
+            interval = config.daemon.check_interval_s
             self.full_due = self.tick_after(now + every_s - interval, interval)
             return True
         return False
 
     def reschedule(self, agent: Agent, now: float, config: Config) -> None:
-        interval = config.check_interval_s
+        interval = config.daemon.check_interval_s
         age = now - agent.state.started_at
         delay = cadence.next_delay(
             agent.tracking.growth, agent.limits, age, config.daemon.min_interval_s, interval

@@ -31,7 +31,7 @@ from supervisord.core.errors import (
     SupervisordError,
 )
 from supervisord.core.events import AlertEvent, Event, ExitEvent, LaunchEvent
-from supervisord.core.kinds import AlertKind, EndReason
+from supervisord.core.kinds import EndReason
 from supervisord.core.limits import Limits
 from supervisord.core.policy import Action, Alert, Signal
 from supervisord.core.records import AgentRecord, lost_event
@@ -111,22 +111,11 @@ class Supervisor:
         limits = self.config.limits_for(request.agent_type, request.limits)
         command = launchplan.resolve_command(self.config, request, self.home.config_file)
         subprocess_id = launcher.new_subprocess_id(request.agent_type)
-        refused = launchplan.refusal(request, limits, system_memory().available_mb)
+        memory = system_memory()
+        refused = launchplan.refusal(request, limits, memory.available_mb)
         if refused is not None:
-            self._publish_alert(
-                AlertEvent(
-                    kind=AlertKind.LAUNCH_REFUSED,
-                    subprocess_id=subprocess_id,
-                    agent_type=request.agent_type,
-                    pid=None,
-                    current_mb=0.0,
-                    threshold_mb=limits.warning_mb,
-                    message=refused,
-                    system_memory=system_memory().as_dict(),
-                    reason=EndReason.STOPPED,
-                )
-            )
-            raise LaunchRefused(refused)
+            self._publish_alert(refused.alert(subprocess_id, memory.as_dict()))
+            raise LaunchRefused(refused.message)
         cgroup = None if self.backstop is None else self.backstop.create(subprocess_id, limits)
         log_path = self.home.agent_log(subprocess_id)
         spec = launchplan.spec_for(self.config, request, subprocess_id, command, log_path, cgroup)
@@ -280,8 +269,8 @@ class Supervisor:
         """How often all of /proc is scanned. Agents in a memory cgroup need no scan to find
         their members (the group lists them), only to reap orphans; others need one a tick."""
         if self.backstop is not None and all(a.cgroup for a in self.agents.values()):
-            return max(DISCOVERY_INTERVAL_S, self.config.check_interval_s)
-        return self.config.check_interval_s
+            return max(DISCOVERY_INTERVAL_S, self.config.daemon.check_interval_s)
+        return self.config.daemon.check_interval_s
 
     def request_full_scan(self) -> None:
         """Rediscover every tree now (an agent's own process ended: orphans to find)."""

@@ -29,9 +29,8 @@ AGENT_PREFIX = "agent-"
 SHIM_NAME = "claude-pm-cgroup-shim"
 # The shim exits with this when it cannot join the cgroup, so the agent never runs outside it.
 SHIM_FAILED_EXIT = 125
-# ``sh -c`` scripts: join the group by writing our own pid, then become the agent (same pid).
-_SHIM_BY_PATH = f'echo $$ >"$0" || exit {SHIM_FAILED_EXIT}; exec "$@"'
-# fd 0 is cgroup.procs opened by the daemon; /dev/null replaces it before the agent runs, so
+# An ``sh -c`` script: join the group by writing our own pid, then become the agent (same
+# pid). fd 0 is cgroup.procs opened by the daemon; /dev/null replaces it before the agent runs, so
 # the agent never holds a descriptor that could move processes into the group.
 _SHIM_BY_STDIN = f'echo $$ >&0 || exit {SHIM_FAILED_EXIT}; exec "$@" </dev/null'
 _POLL_S = 0.002
@@ -175,10 +174,6 @@ class AgentCgroup(ABC):
     def peak_bytes(self) -> int | None:
         """Highest usage seen since the group was created (None where the kernel lacks it)."""
 
-    @abstractmethod
-    def working_set_bytes(self) -> int:
-        """Usage minus inactive page cache: what an escalation policy should compare."""
-
     # -- events ---------------------------------------------------------------------------------
 
     @abstractmethod
@@ -192,14 +187,6 @@ class AgentCgroup(ABC):
     @abstractmethod
     def oom_eventfd(self) -> int:
         """A non-blocking fd, readable when the group is at its ceiling with nothing to reclaim."""
-
-    def empty_eventfd(self) -> int | None:
-        """An fd readable when the group may have become empty; None where the kernel has none.
-
-        v1 has no per-group notification (only the system-wide release_agent): check
-        ``empty()`` when the agent's own pidfd fires and at each sampling tick instead.
-        """
-        return None
 
     @abstractmethod
     def under_oom(self) -> bool:
@@ -232,31 +219,20 @@ class AgentCgroup(ABC):
     def empty(self) -> bool:
         return not self.pids()
 
-    def placement_command(self, command: Sequence[str]) -> list[str]:
-        """``command`` prefixed by a shim that joins this group, then execs it (same pid).
+    def placement(self, command: Sequence[str]) -> Placement:
+        """``command`` behind a shim that joins this group, then execs it (same pid).
 
         The agent is in the group before its first instruction, so nothing it forks escapes,
-        and no ``preexec_fn`` is needed (that would force a slow fork). The shim opens
-        ``cgroup.procs`` with the agent's own credentials: use it when agents run as the
-        daemon's user; when a root daemon switches user, use :meth:`placement`. If joining
-        fails the shim exits with status 125 (its message is in the agent's log).
+        and no ``preexec_fn`` is needed (that would force a slow fork). ``cgroup.procs`` is
+        opened here, by the daemon, and handed to the shim as its stdin, so it works whatever
+        user the agent runs as. If joining fails the shim exits with status 125 (its message
+        is in the agent's log).
         """
-        return ["/bin/sh", "-c", _SHIM_BY_PATH, str(self.path / "cgroup.procs"), *command]
-
-    def placement(self, command: Sequence[str]) -> Placement:
-        """Like :meth:`placement_command`, through a descriptor the daemon opens (any user)."""
         try:
             fd = os.open(self.path / "cgroup.procs", os.O_WRONLY | os.O_CLOEXEC)
         except OSError as exc:
             raise CgroupError(f"cannot open {self.path}/cgroup.procs: {exc.strerror}") from exc
         return Placement(argv=("/bin/sh", "-c", _SHIM_BY_STDIN, SHIM_NAME, *command), stdin=fd)
-
-    def attach(self, pid: int) -> None:
-        """Move a running process (and its threads) into the group; its children stay put."""
-        try:
-            write_file(self.path / "cgroup.procs", str(pid))
-        except OSError as exc:
-            raise CgroupError(f"cannot move pid {pid} into {self.path}: {exc.strerror}") from exc
 
     def contains(self, pid: int) -> bool:
         """Whether ``pid`` is in this group, from /proc/PID/cgroup (False once it is gone)."""
@@ -300,25 +276,6 @@ class AgentCgroup(ABC):
                 os.close(pidfd)
         return sent
 
-    def _kill_by_signals(self, timeout_s: float) -> bool:
-        """SIGKILL every member, again and again while forks race us, until the group is empty."""
-        deadline = time.monotonic() + timeout_s
-        while True:
-            self.signal_all(signal.SIGKILL)
-            if self.empty():
-                return True
-            if time.monotonic() >= deadline:
-                return False
-            time.sleep(_POLL_S)
-
-    @abstractmethod
-    def kill(self, timeout_s: float = 2.0) -> bool:
-        """SIGKILL the whole tree and wait until the group is empty (blocks up to timeout_s).
-
-        Returns whether it is empty. Run it in a worker thread: dying processes free their
-        memory before they leave the group, which takes tens of milliseconds for large ones.
-        """
-
     # -- end --------------------------------------------------------------------------------------
 
     def close(self) -> None:
@@ -346,7 +303,7 @@ class AgentCgroup(ABC):
                 if exc.errno not in (errno.EBUSY, errno.ENOTEMPTY, errno.EAGAIN):
                     raise CgroupError(f"cannot remove {self.path}: {exc.strerror}") from exc
                 if time.monotonic() >= deadline:
-                    return False  # Still usable: the caller may kill() and try again.
+                    return False  # Still usable: the caller may signal and try again.
                 time.sleep(_POLL_S)
             else:
                 self.close()

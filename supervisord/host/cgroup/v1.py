@@ -41,10 +41,6 @@ class V1AgentCgroup(AgentCgroup):
     def peak_bytes(self) -> int | None:
         return base.read_int(self.path / "memory.max_usage_in_bytes")
 
-    def working_set_bytes(self) -> int:
-        inactive = base.read_keyed(self.path / "memory.stat").get("total_inactive_file", 0)
-        return max(0, self.usage_bytes() - inactive)
-
     def threshold_eventfd(self, threshold_bytes: int) -> int:
         """An eventfd the kernel signals whenever usage crosses ``threshold_bytes``, up or down.
 
@@ -84,13 +80,6 @@ class V1AgentCgroup(AgentCgroup):
         except FileNotFoundError:
             kernel_kills = 0
         return self._oom_seen or kernel_kills > 0
-
-    def kill(self, timeout_s: float = 2.0) -> bool:
-        try:
-            self.under_oom()  # Remember why the tree ended before it is gone.
-        except FileNotFoundError:
-            return True
-        return self._kill_by_signals(timeout_s)
 
     def _is_our_hierarchy(self, hierarchy_id: str, controllers: list[str]) -> bool:
         return "memory" in controllers

@@ -18,7 +18,6 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-import time
 from pathlib import Path
 
 from supervisord.core.errors import CgroupError
@@ -66,10 +65,6 @@ class V2AgentCgroup(AgentCgroup):
         except FileNotFoundError:
             return None
 
-    def working_set_bytes(self) -> int:
-        inactive = base.read_keyed(self.path / "memory.stat").get("inactive_file", 0)
-        return max(0, self.usage_bytes() - inactive)
-
     def threshold_eventfd(self, threshold_bytes: int) -> int:
         """Sets ``memory.high`` to ``threshold_bytes`` and watches ``memory.events``.
 
@@ -87,10 +82,6 @@ class V2AgentCgroup(AgentCgroup):
     def oom_eventfd(self) -> int:
         """Readable when ``memory.events`` changes; ``oom_killed()`` then says if it was OOM."""
         return inotify_fd(self.path / "memory.events")
-
-    def empty_eventfd(self) -> int:
-        """Readable when ``cgroup.events`` changes (``populated 0`` once the tree is gone)."""
-        return inotify_fd(self.path / "cgroup.events")
 
     def _events(self) -> dict[str, int]:
         return base.read_keyed(self.path / "memory.events")
@@ -115,25 +106,6 @@ class V2AgentCgroup(AgentCgroup):
         except FileNotFoundError:
             return True
         return events.get("populated", 0) == 0
-
-    def kill(self, timeout_s: float = 2.0) -> bool:
-        kill_file = self.path / "cgroup.kill"
-        if not kill_file.exists():  # Linux < 5.14: do it by hand, as on v1.
-            return self._kill_by_signals(timeout_s)
-        try:
-            self.under_oom()
-            # The kernel SIGKILLs every member and whatever they fork meanwhile.
-            base.write_file(kill_file, "1")
-        except FileNotFoundError:
-            return True
-        except OSError as exc:
-            raise CgroupError(f"cannot write {kill_file}: {exc.strerror}") from exc
-        deadline = time.monotonic() + timeout_s
-        while not self.empty():
-            if time.monotonic() >= deadline:
-                return False
-            time.sleep(0.002)
-        return True
 
     def _is_our_hierarchy(self, hierarchy_id: str, controllers: list[str]) -> bool:
         return hierarchy_id == "0" and controllers == [""]
