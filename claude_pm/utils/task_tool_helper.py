@@ -83,3 +83,33 @@ class TaskToolHelper:
             "limits": result["limits"],
             "log": result["log"],
         }
+
+    def run_agent_subprocess(
+        self,
+        agent_type: str,
+        task_description: str,
+        *,
+        cwd: str | None = None,
+        env: dict[str, str] | None = None,
+        command: list[str] | None = None,
+        force: bool = False,
+    ) -> dict[str, Any]:
+        """Launch as ``create_agent_subprocess`` does, then wait until the agent's tree is
+        gone: ``{success, subprocess_id, record}``, success meaning it exited with code 0."""
+        home = Home(find_home())
+        try:
+            start_daemon(home)
+            with Client(resolve_socket(home), timeout_s=None) as client:
+                launched, record = client.launch_and_wait(
+                    agent_type,
+                    command,
+                    task=None if command else task_description,
+                    cwd=cwd,
+                    env=env,
+                    limits=self.config.limits() or None,
+                    force=force or None,
+                )
+        except SupervisordError as exc:
+            return {"success": False, "error": str(exc), "subprocess_id": None, "record": None}
+        ok = record.get("reason") == "exited" and record.get("exit_code") == 0
+        return {"success": ok, "subprocess_id": launched["subprocess_id"], "record": record}
