@@ -329,6 +329,16 @@ def test_invalid_sections(data: dict[str, Any], parts: list[str]) -> None:
     assert_mentions(config_error(data), *parts)
 
 
+def test_allowed_groups_takes_one_group() -> None:
+    # Real groups, so the refusal is about the count, not a missing name.
+    message = config_error({"daemon": {"allowed_groups": ["nogroup", "root"]}})
+    assert_mentions(
+        message, "daemon.allowed_groups", "['nogroup', 'root']", "give one group", "group-owned"
+    )
+    config = parse_config({"daemon": {"allowed_groups": ["nogroup"]}})
+    assert config.daemon.allowed_groups == ("nogroup",)
+
+
 @pytest.mark.parametrize("name", ["Engineer", "1x", "qa_bot", "-x", "", "a b", "ingénieur"])
 def test_bad_agent_type_names(name: str) -> None:
     message = config_error({"agents": {name: {"command": ["x"]}}})

@@ -5,9 +5,13 @@ from __future__ import annotations
 import os
 import pwd
 from collections.abc import Mapping
-from typing import Any, Protocol
+from typing import Any, NoReturn, Protocol
+
+import structlog
 
 from supervisord import __version__
+from supervisord.control import authz
+from supervisord.control.authz import Denial
 from supervisord.control.peers import Peer
 from supervisord.control.protocol import PROTOCOL_VERSION, Request
 from supervisord.core.errors import PermissionDenied, UsageError
@@ -15,8 +19,11 @@ from supervisord.core.kinds import EndReason
 from supervisord.core.limits import LIMIT_KEYS
 from supervisord.host.launcher import Credentials
 from supervisord.host.sysmem import system_memory
+from supervisord.supervise.agent import Agent
 from supervisord.supervise.launchplan import LaunchRequest
 from supervisord.supervise.supervisor import Supervisor
+
+log = structlog.get_logger("supervisord.control.commands")
 
 
 class DaemonControl(Protocol):
@@ -36,6 +43,8 @@ class Commands:
 
     async def handle(self, request: Request, peer: Peer) -> Any:
         args = request.args
+        if denial := authz.command_denial(peer.uid, request.cmd):
+            _deny(peer, request.cmd, denial)
         match request.cmd:
             case "hello":
                 return {
@@ -47,22 +56,18 @@ class Commands:
             case "ping":
                 return {"pong": True}
             case "status":
-                return self.status()
+                return self.status(peer)
             case "stats":
+                now = self.supervisor.clock()
                 if "subprocess_id" in args:
-                    agent = self.supervisor.get(args["subprocess_id"])
-                    return agent.stats(self.supervisor.clock())
-                return {"agents": self.supervisor.stats()}
+                    return self._owned(args["subprocess_id"], peer, "stats", "see").stats(now)
+                return {"agents": [a.stats(now) for a in self._visible(peer)]}
             case "launch":
                 return await self.launch(args, peer)
             case "stop":
-                grace = args.get("grace_s")
-                if grace is not None and grace < 0:
-                    raise UsageError(f"stop: grace_s must be >= 0, got {grace}")
-                self._check_owner(args["subprocess_id"], peer)
-                return (await self.supervisor.stop(args["subprocess_id"], grace)).record()
+                return await self.stop(args["subprocess_id"], args.get("grace_s"), peer)
             case "kill":
-                self._check_owner(args["subprocess_id"], peer)
+                self._owned(args["subprocess_id"], peer, "kill", "end")
                 ended = await self.supervisor.stop(args["subprocess_id"], 0.0, EndReason.STOPPED)
                 return ended.record()
             case "reload":
@@ -74,19 +79,33 @@ class Commands:
                 return {"stopping": True, "agents": count, "leave_agents": leave}
         raise UsageError(f"command {request.cmd!r} is not handled here")
 
-    def _check_owner(self, subprocess_id: str, peer: Peer) -> None:
-        """Root and the daemon's own user may end any agent; others only those they launched."""
-        agent = self.supervisor.get(subprocess_id)
-        if peer.uid in (0, os.geteuid()) or agent.owner_uid == peer.uid:
-            return
-        raise PermissionDenied(
-            f"uid {peer.uid} may not end {subprocess_id}: it was launched by uid {agent.owner_uid}"
-        )
+    async def stop(self, subprocess_id: str, grace: float | None, peer: Peer) -> dict[str, Any]:
+        if grace is not None and grace < 0:
+            raise UsageError(f"stop: grace_s must be >= 0, got {grace}")
+        agent = self._owned(subprocess_id, peer, "stop", "end")
+        if grace is not None and (
+            denial := authz.grace_denial(peer.uid, agent.id, grace, agent.limits.term_grace_s)
+        ):
+            _deny(peer, "stop", denial)
+        return (await self.supervisor.stop(agent.id, grace)).record()
 
-    def status(self) -> dict[str, Any]:
+    def _owned(self, subprocess_id: str, peer: Peer, cmd: str, verb: str) -> Agent:
+        """The agent, if ``peer`` may ``verb`` it: admins any, users only those they launched."""
+        agent = self.supervisor.get(subprocess_id)
+        if denial := authz.owner_denial(peer.uid, subprocess_id, agent.owner_uid, verb):
+            _deny(peer, cmd, denial)
+        return agent
+
+    def _visible(self, peer: Peer) -> list[Agent]:
+        owner = authz.owner_filter(peer.uid)
+        agents = self.supervisor.agents.values()
+        return [a for a in agents if owner is None or a.owner_uid == owner]
+
+    def status(self, peer: Peer) -> dict[str, Any]:
         now = self.supervisor.clock()
         config = self.supervisor.config
         enabled = config.limits.enabled
+        visible = self._visible(peer)
         return {
             "daemon": self.daemon.info(),
             "config": config.public(),
@@ -94,9 +113,9 @@ class Commands:
             "cgroups": self.supervisor.cgroup_status,
             "sampling": self.supervisor.sampling(),
             "system_memory": system_memory().as_dict(),
-            "agent_count": len(self.supervisor.agents),
+            "agent_count": len(visible),
             # Compact rows: status stays fast with hundreds of agents; stats has the detail.
-            "agents": [a.row(now) for a in self.supervisor.agents.values()],
+            "agents": [a.row(now) for a in visible],
         }
 
     async def launch(self, args: Mapping[str, Any], peer: Peer) -> dict[str, Any]:
@@ -110,6 +129,7 @@ class Commands:
             limits["timeout_s"] = args["timeout_s"]
         if not args.get("command") and args.get("task") is None:
             raise UsageError('launch: give either "command" (a list) or "task" (a string)')
+        self._check_limits(args["agent_type"], limits, bool(args.get("force", False)), peer)
         request = LaunchRequest(
             agent_type=args["agent_type"],
             command=tuple(args["command"]) if args.get("command") else None,
@@ -131,10 +151,28 @@ class Commands:
             "log": str(self.supervisor.home.agent_log(agent.id)),
         }
 
+    def _check_limits(
+        self, agent_type: str, limits: Mapping[str, Any], force: bool, peer: Peer
+    ) -> None:
+        """Users may only tighten: their agents share the machine with everyone else's."""
+        if authz.is_admin(peer.uid):
+            return
+        config = self.supervisor.config
+        in_force = config.limits_for(agent_type)
+        requested = config.limits_for(agent_type, limits)
+        if denial := authz.launch_denial(peer.uid, agent_type, in_force, requested, force=force):
+            _deny(peer, "launch", denial)
+
+
+def _deny(peer: Peer, cmd: str, denial: Denial) -> NoReturn:
+    # In the daemon log too: a refused attempt is worth an administrator's attention.
+    log.warning("auth_denied", uid=peer.uid, pid=peer.pid, cmd=cmd, refused=list(denial.refused))
+    raise PermissionDenied(denial.message)
+
 
 def credentials_for(peer: Peer) -> Credentials | None:
     """A root daemon runs an agent as the user who asked for it, never as root for them."""
-    if os.geteuid() != 0 or peer.uid in (0, os.geteuid()):
+    if os.geteuid() != 0 or authz.is_admin(peer.uid):
         return None
     try:
         name = pwd.getpwuid(peer.uid).pw_name

@@ -31,6 +31,9 @@ class LaunchEvent:
     pid: int
     stats: Mapping[str, Any]
     at: datetime = field(default_factory=_now)
+    # Who launched the agent (the peer's uid): whose subscriptions see the event. Kept off
+    # the record and the wire, whose shapes are the contract's.
+    owner_uid: int | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {"type": self.type.value, **self.stats, **timestamps(self.at)}
@@ -67,6 +70,8 @@ class AlertEvent:
     # Estimated crossing of max_mb to the first signal (on sigterm_sent and sigkill_sent).
     crossed_to_term_s: float | None = None
     at: datetime = field(default_factory=_now)
+    # Whose subscriptions see it, as on LaunchEvent; not in the record either.
+    owner_uid: int | None = None
 
     @property
     def level(self) -> Level:
@@ -140,6 +145,8 @@ class ExitEvent:
     # From the first signal to the whole tree gone (the stream's figure, not the record's).
     term_to_gone_s: float | None = None
     at: datetime = field(default_factory=_now)
+    # Whose subscriptions see it, as on LaunchEvent; not in the record either.
+    owner_uid: int | None = None
 
     @property
     def ok(self) -> bool:

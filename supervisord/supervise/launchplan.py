@@ -6,6 +6,7 @@ Pure decisions plus one look at system memory; the supervisor spawns what this p
 from __future__ import annotations
 
 import os
+import pwd
 import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -19,6 +20,9 @@ from supervisord.core.kinds import AlertKind, EndReason
 from supervisord.core.limits import Limits
 from supervisord.host.cgroup.base import AgentCgroup
 from supervisord.host.launcher import Credentials, LaunchSpec
+
+# What another user's agent is given to find programs with: the daemon's PATH is root's.
+USER_PATH = "/usr/local/bin:/usr/bin:/bin"
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +66,7 @@ class Refusal:
     agent_type: str
     warning_mb: float
     message: str
+    owner_uid: int | None = None
 
     def alert(self, subprocess_id: str, system_memory: Mapping[str, float]) -> AlertEvent:
         return AlertEvent(
@@ -74,6 +79,7 @@ class Refusal:
             message=self.message,
             system_memory=system_memory,
             reason=EndReason.STOPPED,
+            owner_uid=self.owner_uid,
         )
 
 
@@ -85,7 +91,7 @@ def refusal(request: LaunchRequest, limits: Limits, available_mb: float) -> Refu
         f"launch of {request.agent_type} refused: {available_mb:.1f} MB available is below "
         f"its warning_mb {limits.warning_mb:g} MB (free memory, lower warning_mb, or force)"
     )
-    return Refusal(request.agent_type, limits.warning_mb, message)
+    return Refusal(request.agent_type, limits.warning_mb, message, request.owner_uid)
 
 
 def spec_for(
@@ -103,7 +109,30 @@ def spec_for(
         command=command,
         log_path=log_path,
         cwd=request.cwd or agent_type.cwd,
-        env={**os.environ, **agent_type.env, **request.env},
+        env={**base_environment(request.user), **agent_type.env, **request.env},
         user=request.user,
         cgroup=cgroup,
     )
+
+
+def base_environment(user: Credentials | None) -> dict[str, str]:
+    """What an agent's environment starts from, before its type's ``env`` and the request's.
+
+    The daemon's own for an agent run as the daemon's user. One run as another user gets what
+    their login would, no more: the daemon's variables are root's (HOME, CLAUDE_PM_HOME, tokens),
+    and their agent must neither read them nor write into root's home by following them.
+    """
+    if user is None:
+        return dict(os.environ)
+    try:
+        entry = pwd.getpwuid(user.uid)
+    except KeyError:
+        # No passwd entry: no name or shell to give; "/" is what login tools fall back to.
+        return {"HOME": "/", "PATH": USER_PATH}
+    return {
+        "HOME": entry.pw_dir,
+        "USER": entry.pw_name,
+        "LOGNAME": entry.pw_name,
+        "SHELL": entry.pw_shell or "/bin/sh",
+        "PATH": USER_PATH,
+    }
