@@ -55,14 +55,18 @@ class DaemonSettings:
     socket: str | None = None
     log_max_bytes: int = 100 * 1024 * 1024
     log_backups: int = 5
+    # Each agent's output log rotates past this (keeping log_backups of them).
+    agent_log_max_bytes: int = 50 * 1024 * 1024
     max_line_bytes: int = 1024 * 1024
     max_connections: int = 256
     idle_timeout_s: float = 3600.0
     line_timeout_s: float = 10.0
     check_interval_s: float = 2.0
     min_interval_s: float = 0.05
-    # Members of these groups may use the daemon too (socket 0660, group of the first); a
-    # root daemon then runs their agents as them. Empty: only the daemon's user and root.
+    # At most one group: its members may use the daemon too, as users who may only tighten
+    # limits and see and end their own agents (control/authz). One, because the socket is
+    # 0660 owned by it and a file has one group. A root daemon runs their agents as them.
+    # Empty: only the daemon's user and root.
     allowed_groups: tuple[str, ...] = ()
 
 
@@ -186,10 +190,21 @@ def _parse_daemon(table: Mapping[str, Any], memory: Mapping[str, Any]) -> Daemon
     if "socket" in table:
         values["socket"] = string("daemon.socket", table["socket"])
     if "allowed_groups" in table:
-        values["allowed_groups"] = tuple(
-            group(name) for name in string_list("daemon.allowed_groups", table["allowed_groups"])
-        )
-    for key in ("log_max_bytes", "log_backups", "max_line_bytes", "max_connections"):
+        names = string_list("daemon.allowed_groups", table["allowed_groups"])
+        if len(names) > 1:
+            # Members of a second group would pass the peer check but not reach the socket.
+            raise ConfigError(
+                f"daemon.allowed_groups = {names!r} is not allowed: give one group: the socket "
+                "is group-owned by it"
+            )
+        values["allowed_groups"] = tuple(group(name) for name in names)
+    for key in (
+        "log_max_bytes",
+        "log_backups",
+        "agent_log_max_bytes",
+        "max_line_bytes",
+        "max_connections",
+    ):
         if key in table:
             values[key] = integer(f"daemon.{key}", table[key], minimum=1)
     for key in ("idle_timeout_s", "line_timeout_s"):

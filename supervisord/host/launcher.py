@@ -1,7 +1,13 @@
-"""Starting agents: own session and process group, output to a log file, exit seen via pidfd.
+"""Starting agents: own session and process group, output to the daemon, exit seen via pidfd.
 
 ``subprocess.Popen`` without ``preexec_fn`` keeps the fast vfork/posix_spawn path; asyncio's
-child watcher is avoided because Python 3.11 starts a thread per child for it.
+child watcher is avoided because Python 3.11 starts a thread per child for it. An agent's
+stdout and stderr are its FIFO (``host.agentlog``), which the daemon drains into its log.
+
+An agent run as another user enters its ``cwd`` only after the privilege drop, in a shell
+shim: ``Popen(cwd=...)`` would enter it as root, letting the user reach files through a
+directory they may not search. The directory is checked against the user's ids up front
+for a clear launch error; the shim is what enforces it (ACLs, races).
 """
 
 from __future__ import annotations
@@ -10,9 +16,10 @@ import os
 import secrets
 import shutil
 import signal
+import stat
 import subprocess
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import anyio
@@ -20,10 +27,15 @@ import anyio
 from supervisord.core.errors import LaunchError
 from supervisord.core.identity import MARKER_ENV, TYPE_ENV
 from supervisord.host import procfs
-from supervisord.host.cgroup.base import AgentCgroup
+from supervisord.host.agentlog import AgentOutput, OutputPlace
+from supervisord.host.cgroup.base import SHIM_FAILED_EXIT, AgentCgroup
 
 # Raising is allowed without privileges: a system-wide OOM then picks an agent, not the daemon.
 AGENT_OOM_SCORE_ADJ = 500
+# Enter the directory as the agent's user, then become the agent (same pid); like the cgroup
+# shim it exits 125 (its message in the agent's log) rather than run the agent elsewhere.
+_CWD_SHIM = f'cd -- "$1" || exit {SHIM_FAILED_EXIT}; shift; exec "$@"'
+_CWD_SHIM_NAME = "claude-pm-cwd-shim"
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +79,8 @@ class Child:
     # None for an agent re-adopted after a daemon restart: not our child, so its exit is
     # seen through the pidfd but its status cannot be reaped (its new parent reaps it).
     popen: subprocess.Popen[bytes] | None = None
+    # The daemon's side of the agent's stdout and stderr.
+    output: AgentOutput = field(default_factory=AgentOutput.detached)
 
 
 def _require_executable(name: str, path: str | None, cwd: str | None) -> None:
@@ -84,47 +98,36 @@ def new_subprocess_id(agent_type: str) -> str:
     return f"{agent_type}_{secrets.token_hex(6)}"
 
 
-def spawn(spec: LaunchSpec) -> Child:
-    """Start the agent; raises :class:`LaunchError` with the reason when it cannot start."""
-    spec.log_path.parent.mkdir(parents=True, exist_ok=True)
+def spawn(spec: LaunchSpec, place: OutputPlace) -> Child:
+    """Start the agent; raises :class:`LaunchError` with the reason when it cannot start.
+
+    Its output goes to a new FIFO in ``place``, drained into ``spec.log_path`` (created now,
+    owned by the agent's user); a launch that fails leaves neither behind.
+    """
     env = dict(os.environ if spec.env is None else spec.env)
     env[MARKER_ENV] = spec.subprocess_id
     env[TYPE_ENV] = spec.agent_type
-    argv: Sequence[str] = spec.command
-    stdin: int = subprocess.DEVNULL
-    placement = None
-    if spec.cgroup is not None:
-        # The shell shim would turn a missing executable into exit 127: say so up front.
-        _require_executable(spec.command[0], env.get("PATH"), spec.cwd)
-        placement = spec.cgroup.placement(spec.command)
-        argv, stdin = placement.argv, placement.stdin
+    cwd, shim_cwd = _directories(spec, env)
+    owner = None if spec.user is None else (spec.user.uid, spec.user.gid)
     try:
-        with open(spec.log_path, "ab") as log:
-            if spec.user is not None:
-                os.fchown(log.fileno(), spec.user.uid, spec.user.gid)
-            popen = subprocess.Popen(
-                argv,
-                stdin=stdin,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=spec.cwd,
-                env=env,
-                start_new_session=True,
-                close_fds=True,
-                user=None if spec.user is None else spec.user.uid,
-                group=None if spec.user is None else spec.user.gid,
-                extra_groups=None if spec.user is None else list(spec.user.groups),
-            )
-    except FileNotFoundError as exc:
-        missing = exc.filename if exc.filename else spec.command[0]
-        if spec.cwd and not Path(spec.cwd).is_dir():
-            raise LaunchError(f"cwd {spec.cwd!r} does not exist") from exc
-        raise LaunchError(f"executable {missing!r} not found (PATH or absolute path)") from exc
-    except PermissionError as exc:
-        raise LaunchError(f"cannot run {spec.command[0]!r}: {exc.strerror}") from exc
-    except (OSError, ValueError, subprocess.SubprocessError) as exc:
-        raise LaunchError(f"cannot start {spec.command[0]!r}: {exc}") from exc
+        output, agent_end = AgentOutput.create(place, spec.subprocess_id, spec.log_path, owner)
+    except OSError as exc:
+        raise LaunchError(f"cannot set up the agent's output: {exc}") from exc
+    placement = None
+    try:
+        argv: Sequence[str] = spec.command
+        stdin: int = subprocess.DEVNULL
+        if spec.cgroup is not None:
+            placement = spec.cgroup.placement(spec.command, cwd=shim_cwd)
+            argv, stdin = placement.argv, placement.stdin
+        elif shim_cwd is not None:
+            argv = ("/bin/sh", "-c", _CWD_SHIM, _CWD_SHIM_NAME, shim_cwd, *spec.command)
+        popen = _popen(spec, argv, stdin, agent_end, cwd, env)
+    except BaseException:
+        output.discard()
+        raise
     finally:
+        os.close(agent_end)  # The agent's copy is all there is now: EOF when its tree is gone.
         if placement is not None:
             placement.close()
     pidfd = os.pidfd_open(popen.pid)
@@ -134,11 +137,106 @@ def spawn(spec: LaunchSpec) -> Child:
             f.write(str(AGENT_OOM_SCORE_ADJ))
     except OSError:
         pass  # Not on Linux, or the agent already exited: nothing to protect.
-    return Child(pid=popen.pid, start=start, pidfd=pidfd, popen=popen)
+    return Child(pid=popen.pid, start=start, pidfd=pidfd, popen=popen, output=output)
 
 
-def adopt(pid: int, start: int) -> Child | None:
-    """A pidfd on a running agent left by a previous daemon, if ``pid`` is still that process."""
+def _directories(spec: LaunchSpec, env: Mapping[str, str]) -> tuple[str | None, str | None]:
+    """Where Popen starts the agent and where a shim enters after the privilege drop, once
+    the checks that give a clear launch error instead of a shim's exit status passed."""
+    shim_cwd = None
+    if spec.user is not None and spec.cwd is not None:
+        shim_cwd = os.path.abspath(spec.cwd)  # absolute: cd must not consult CDPATH
+        _require_enterable(shim_cwd, spec.user)
+    if spec.cgroup is not None or shim_cwd is not None:
+        # The shell shim would turn a missing executable into exit 127: say so up front.
+        _require_executable(spec.command[0], env.get("PATH"), spec.cwd)
+    return (None, shim_cwd) if shim_cwd is not None else (spec.cwd, None)
+
+
+def _require_enterable(directory: str, user: Credentials) -> None:
+    """Refuse a cwd whose path ``user`` may not search, by its mode bits (ACLs aside)."""
+    if user.uid == 0:
+        return
+    groups = {user.gid, *user.groups}
+    path = Path(directory)
+    for step in (*reversed(path.parents), path):
+        try:
+            st = os.stat(step)
+        except OSError:
+            return  # Missing: said by the checks that follow, once the user may look.
+        if _has_acl(step):
+            return  # Its ACL may grant what the mode bits deny: the shim decides.
+        if st.st_uid == user.uid:
+            bit = stat.S_IXUSR
+        elif st.st_gid in groups:
+            bit = stat.S_IXGRP
+        else:
+            bit = stat.S_IXOTH
+        if not st.st_mode & bit:
+            raise LaunchError(
+                f"cwd {directory!r}: uid {user.uid} may not enter {str(step)!r} "
+                f"(mode {stat.S_IMODE(st.st_mode):04o}, owner {st.st_uid}:{st.st_gid})"
+            )
+
+
+def _has_acl(path: Path) -> bool:
+    try:
+        os.getxattr(path, "system.posix_acl_access")
+    except OSError:
+        return False  # No ACL, or a file system without them.
+    return True
+
+
+def _popen(
+    spec: LaunchSpec,
+    argv: Sequence[str],
+    stdin: int,
+    stdout: int,
+    cwd: str | None,
+    env: Mapping[str, str],
+) -> subprocess.Popen[bytes]:
+    try:
+        return subprocess.Popen(
+            argv,
+            stdin=stdin,
+            stdout=stdout,
+            stderr=subprocess.STDOUT,
+            cwd=cwd,
+            env=env,
+            start_new_session=True,
+            close_fds=True,
+            user=None if spec.user is None else spec.user.uid,
+            group=None if spec.user is None else spec.user.gid,
+            extra_groups=None if spec.user is None else list(spec.user.groups),
+        )
+    except FileNotFoundError as exc:
+        missing = exc.filename if exc.filename else spec.command[0]
+        if spec.cwd and not Path(spec.cwd).is_dir():
+            raise LaunchError(f"cwd {spec.cwd!r} does not exist") from exc
+        raise LaunchError(f"executable {missing!r} not found (PATH or absolute path)") from exc
+    except PermissionError as exc:
+        raise LaunchError(f"cannot run {spec.command[0]!r}: {exc.strerror}") from exc
+    except (OSError, ValueError, subprocess.SubprocessError) as exc:
+        raise LaunchError(f"cannot start {spec.command[0]!r}: {exc}") from exc
+
+
+def adopt(
+    pid: int, start: int, place: OutputPlace | None = None, subprocess_id: str = ""
+) -> Child | None:
+    """A pidfd on a running agent left by a previous daemon, if ``pid`` is still that process.
+
+    With ``place``, its output FIFO is opened again (or, for one that ended, removed).
+    """
+    child = _adopt(pid, start)
+    if place is not None:
+        if child is None:
+            place.forget(subprocess_id)
+        else:
+            child.output = AgentOutput.reopen(place, subprocess_id)
+    return child
+
+
+def _adopt(pid: int, start: int) -> Child | None:
     try:
         pidfd = os.pidfd_open(pid)
     except OSError:

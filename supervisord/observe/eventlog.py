@@ -3,12 +3,12 @@
 Each file is appended to by one writer that rotates it by size and notices when it was
 deleted or moved away (its inode changed or vanished); the next record then recreates the
 file and directories, so a user who clears logs mid-run loses nothing written after that.
+The file handling is ``host.logfile.RotatingFile``, shared with the agents' output logs.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -18,6 +18,7 @@ import structlog
 
 from supervisord.config.home import Home
 from supervisord.core.events import AlertEvent, ExitEvent
+from supervisord.host.logfile import RotatingFile
 
 
 class JsonLinesLog:
@@ -25,22 +26,15 @@ class JsonLinesLog:
 
     def __init__(self, path: Path, max_bytes: int, backups: int) -> None:
         self.path = path
-        self.max_bytes = max_bytes
-        self.backups = backups
-        self._fd: int | None = None
+        self._file = RotatingFile(path, max_bytes, backups)
         self.failures = 0
-        self._inode: tuple[int, int] | None = None
 
     def write(self, record: Mapping[str, Any]) -> None:
         self.write_line(json.dumps(record, separators=(", ", ": "), default=str))
 
     def write_line(self, line: str) -> None:
-        data = (line + "\n").encode()
         try:
-            fd = self._ensure_open()
-            if self.max_bytes and os.fstat(fd).st_size + len(data) > self.max_bytes:
-                fd = self._rotate()
-            os.write(fd, data)
+            self._file.write((line + "\n").encode())
         except OSError as exc:
             # A full disk or an unwritable log directory must not stop enforcement: the
             # record goes to stderr (the journal, under systemd) and the next one tries again.
@@ -49,36 +43,7 @@ class JsonLinesLog:
             sys.stderr.write(f"cannot write {self.path}: {exc.strerror or exc}: {line}\n")
 
     def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-
-    def _ensure_open(self) -> int:
-        if self._fd is not None:
-            try:
-                st = os.stat(self.path)
-                if (st.st_dev, st.st_ino) == self._inode:
-                    return self._fd
-            except FileNotFoundError:
-                pass
-            self.close()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        st = os.fstat(fd)
-        self._fd, self._inode = fd, (st.st_dev, st.st_ino)
-        return fd
-
-    def _rotate(self) -> int:
-        self.close()
-        if self.backups > 0:
-            for n in range(self.backups - 1, 0, -1):
-                older = self.path.with_name(f"{self.path.name}.{n}")
-                if older.exists():
-                    older.replace(self.path.with_name(f"{self.path.name}.{n + 1}"))
-            self.path.replace(self.path.with_name(f"{self.path.name}.1"))
-        else:
-            self.path.unlink(missing_ok=True)
-        return self._ensure_open()
+        self._file.close()
 
 
 class _LineLogger:
