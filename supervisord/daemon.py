@@ -177,6 +177,7 @@ async def serve(
     reap_orphans: bool = False,
     handle_signals: bool = True,
     on_tick: Callable[[int], None] | None = None,
+    tick_at_least_every_s: float | None = None,
     task_status: TaskStatus[Path] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run one daemon for ``home`` until asked to stop; reports the socket path when ready."""
@@ -187,7 +188,8 @@ async def serve(
         home.pid_file.write_text(f"{os.getpid()}\n")
         stack.callback(home.pid_file.unlink, missing_ok=True)
         records, problems = statefile.load(home.state_file)
-        supervisor = _supervisor(config, home, records, stack, reap_orphans, on_tick)
+        supervisor = _supervisor(config, home, records, stack, reap_orphans)
+        supervisor.on_tick, supervisor.tick_at_least_every_s = on_tick, tick_at_least_every_s
         daemon = Daemon(
             home=home,
             config_path=config_path or home.config_file,
@@ -206,6 +208,7 @@ async def serve(
             for problem in problems:
                 log.error("state_unreadable", problem=problem)
             supervisor.adopt(records)
+            supervisor.adopt_leftovers()
             await tg.start(server.serve, listener)
             if handle_signals:
                 tg.start_soon(_signals, daemon)
@@ -229,7 +232,6 @@ def _supervisor(
     records: list[AgentRecord],
     stack: ExitStack,
     reap_orphans: bool,
-    on_tick: Callable[[int], None] | None,
 ) -> Supervisor:
     """The supervisor with its record logs and, where the kernel allows, the cgroup backstop."""
     eventlog = EventLog(home, config.daemon.log_max_bytes, config.daemon.log_backups)
@@ -237,9 +239,7 @@ def _supervisor(
     backstop, cgroup_status = open_backstop(config, home, records)
     if backstop is not None:
         stack.callback(backstop.close)
-    supervisor = Supervisor(
-        config, home, eventlog, reap_orphans=reap_orphans, on_tick=on_tick, backstop=backstop
-    )
+    supervisor = Supervisor(config, home, eventlog, reap_orphans=reap_orphans, backstop=backstop)
     supervisor.cgroup_status = cgroup_status
     return supervisor
 
@@ -277,7 +277,8 @@ def open_backstop(
     """Per-agent memory cgroups, where the daemon may create them (``[cgroup] mode``).
 
     Groups a crashed daemon left behind are removed when empty; those of agents in
-    ``state.json`` are kept for re-adoption. ``required`` without cgroups refuses to start.
+    ``state.json`` are kept for re-adoption, and populated ones it does not name are handed
+    to the supervisor (``adopt_leftovers``). ``required`` without cgroups refuses to start.
     """
     settings = config.cgroup
     detection = detect(settings.root, settings.mode, group=group_name(home.root))
@@ -289,7 +290,7 @@ def open_backstop(
         log.info(
             "cgroup_leftovers", removed=list(leftovers.removed), populated=list(leftovers.populated)
         )
-    backstop = Backstop(detection.manager, settings, detection)
+    backstop = Backstop(detection.manager, settings, detection, leftovers.populated)
     return backstop, backstop.status()
 
 

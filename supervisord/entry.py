@@ -83,7 +83,7 @@ async def _main(
     watchdog_s: float | None,
     ready_fd: int | None,
 ) -> None:
-    heartbeat = _Heartbeat(notifier, watchdog_s)
+    heartbeat = Heartbeat(notifier, watchdog_s)
     async with anyio.create_task_group() as tg:
         try:
             socket_path = await tg.start(
@@ -94,6 +94,7 @@ async def _main(
                     inherited=inherited,
                     reap_orphans=subreaper,
                     on_tick=heartbeat,
+                    tick_at_least_every_s=heartbeat.every_s,
                 )
             )
         except BaseException as exc:
@@ -104,12 +105,17 @@ async def _main(
     notifier.stopping()
 
 
-class _Heartbeat:
-    """Called by the sampling loop: a hung loop stops the watchdog pings, and systemd acts."""
+class Heartbeat:
+    """Called by the sampling loop: a hung loop stops the watchdog pings, and systemd acts.
+
+    systemd wants a ping at least every ``WatchdogSec``; the loop turns at least every quarter
+    of it (``every_s``) and pings once half of that has passed, so a healthy loop, idle or
+    not, pings well within half the interval, and a wedged one not at all.
+    """
 
     def __init__(self, notifier: sdnotify.Notifier, watchdog_s: float | None) -> None:
         self.notifier = notifier
-        self.every_s = (watchdog_s / 2) if watchdog_s else None
+        self.every_s = (watchdog_s / 4) if watchdog_s else None
         self.last = 0.0
         self.last_count = -1
 
@@ -117,7 +123,7 @@ class _Heartbeat:
         if not self.notifier.enabled:
             return
         now = time.monotonic()
-        if self.every_s is not None and now - self.last >= self.every_s:
+        if self.every_s is not None and now - self.last >= self.every_s / 2:
             self.notifier.watchdog()
             self.last = now
         if agent_count != self.last_count:

@@ -862,3 +862,41 @@ def test_kernel_oom_during_a_memory_limit_grace_skips_the_rest_of_it() -> None:
     assert state.ending is EndReason.MEMORY_LIMIT
     state, again = policy.kernel_oom(state, 0.6, 4505.0, 4505.6)
     assert signals(again) == []  # SIGKILL went out already
+
+
+def test_resume_end_keeps_the_grace_that_began_before_the_restart() -> None:
+    state = AgentState(started_at=0.0)
+    # SIGTERM went out 3 s before the new daemon's "now" of 100.0; grace 5: 2 s remain.
+    state, actions = policy.resume_end(
+        state, 100.0, EndReason.MEMORY_LIMIT, 5.0, term_sent_s_ago=3.0
+    )
+    assert actions == []
+    assert (state.ending, state.term_sent_at, state.grace_s) == (EndReason.MEMORY_LIMIT, 97.0, 5.0)
+    assert policy.next_deadline(state, LIMITS) == 102.0
+    state, actions = policy.step(state, 101.9, LIMITS)
+    assert [a for a in actions if isinstance(a, Signal)] == []
+    state, actions = policy.step(state, 102.0, LIMITS)
+    assert Signal(signal.SIGKILL, EndReason.MEMORY_LIMIT) in actions
+    assert state.kill_sent
+
+
+def test_resume_end_after_the_grace_ran_out_or_with_none_kills_at_once() -> None:
+    for ago, grace, kill_sent in ((60.0, 5.0, False), (0.1, 0.0, False), (1.0, 5.0, True)):
+        state, actions = policy.resume_end(
+            AgentState(started_at=0.0),
+            50.0,
+            EndReason.STOPPED,
+            grace,
+            term_sent_s_ago=ago,
+            kill_sent=kill_sent,
+        )
+        assert Signal(signal.SIGKILL, EndReason.STOPPED) in actions, (ago, grace, kill_sent)
+        assert state.kill_sent
+
+
+def test_resume_end_without_a_recorded_sigterm_starts_the_escalation_over() -> None:
+    state, actions = policy.resume_end(
+        AgentState(started_at=0.0), 10.0, EndReason.TIMEOUT, 2.0, term_sent_s_ago=None
+    )
+    assert actions == [Signal(signal.SIGTERM, EndReason.TIMEOUT)]
+    assert state.term_sent_at == 10.0

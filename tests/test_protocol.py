@@ -413,6 +413,22 @@ async def test_an_over_long_line_gets_an_error_then_a_closed_connection(
     await ping_fresh(small.socket)
 
 
+async def test_a_request_then_an_over_long_line_in_one_write_gets_both_answers(
+    small: DaemonProcess, raw: Raw
+) -> None:
+    """The complete request is answered first; then the refusal, then the close."""
+    over = b'{"id": 2, "cmd": "ping", "pad": "' + b"x" * MAX_LINE + b'"}\n'
+    await raw.send(b'{"id": 1, "cmd": "hello"}\n' + over)
+    first = await raw.response()
+    assert (first["id"], first["ok"]) == (1, True)
+    assert first["result"]["protocol"] == 1
+    code, message = error_of(await raw.response())
+    assert code == "bad_request"
+    assert f"over {MAX_LINE} bytes" in message
+    assert await raw.at_eof()
+    await ping_fresh(small.socket)
+
+
 async def test_a_half_line_is_closed_after_line_timeout(small: DaemonProcess, raw: Raw) -> None:
     started = time.monotonic()
     await raw.send(b'{"id": 1, "cmd": "pi')

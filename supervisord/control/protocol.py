@@ -39,17 +39,26 @@ class LineBuffer:
     def pending(self) -> bool:
         return bool(self._buffer)
 
-    def feed(self, data: bytes) -> list[bytes]:
+    def feed(self, data: bytes) -> tuple[list[bytes], LineTooLong | None]:
+        """The complete lines in the stream so far, and the error of an over-long one.
+
+        Lines before an over-long one still count: a client that sent a request and then a
+        line too long gets its answer before the refusal. Nothing is read past the error.
+        """
         self._buffer += data
         lines: list[bytes] = []
         while (end := self._buffer.find(b"\n")) >= 0:
             if end > self.max_bytes:
-                raise LineTooLong(f"request line over {self.max_bytes} bytes")
+                return lines, self._too_long()
             lines.append(bytes(self._buffer[:end]))
             del self._buffer[: end + 1]
         if len(self._buffer) > self.max_bytes:
-            raise LineTooLong(f"request line over {self.max_bytes} bytes")
-        return lines
+            return lines, self._too_long()
+        return lines, None
+
+    def _too_long(self) -> LineTooLong:
+        self._buffer.clear()
+        return LineTooLong(f"request line over {self.max_bytes} bytes")
 
 
 @dataclass(frozen=True, slots=True)

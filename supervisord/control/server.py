@@ -20,11 +20,11 @@ import structlog
 from anyio.abc import ByteStream, SocketListener, TaskStatus
 
 from supervisord.config.settings import DaemonSettings
-from supervisord.control import protocol
+from supervisord.control import authz, protocol
 from supervisord.control.commands import Commands
 from supervisord.control.peers import Peer, allowed, peer_of
 from supervisord.control.protocol import LineBuffer, Request
-from supervisord.core.errors import LineTooLong, RequestError, SupervisordError
+from supervisord.core.errors import ErrorCode, RequestError, SupervisordError
 from supervisord.core.events import AlertEvent, Event
 from supervisord.supervise.bus import Broadcaster
 
@@ -76,28 +76,9 @@ class ControlServer:
 
     async def _converse(self, stream: ByteStream) -> None:
         peer = peer_of(stream)
-        if self.connections > self.settings.max_connections:
-            await self._send(
-                stream,
-                protocol.error(
-                    None,
-                    "too_many_connections",
-                    f"the daemon serves at most {self.settings.max_connections} connections "
-                    "(daemon.max_connections); try again later",
-                ),
-            )
-            return
-        if not allowed(peer, self.allowed_gids):
-            log.warning("peer_refused", uid=peer.uid, pid=peer.pid)
-            await self._send(
-                stream,
-                protocol.error(
-                    None,
-                    "permission_denied",
-                    f"uid {peer.uid} may not use this daemon: only uid {os.geteuid()}, root and "
-                    f"members of daemon.allowed_groups {list(self.settings.allowed_groups)} may",
-                ),
-            )
+        refusal = self._refusal(peer)
+        if refusal is not None:
+            await self._send(stream, refusal)
             return
         buffer = LineBuffer(self.settings.max_line_bytes)
         # A started line must be finished by this deadline, however slowly its bytes trickle in.
@@ -119,21 +100,43 @@ class ControlServer:
                 await self._send(
                     stream,
                     protocol.error(
-                        None, "timeout", f"closing: client took over {limit:g} s to {what}"
+                        None,
+                        ErrorCode.TIMEOUT,
+                        f"closing: client took over {limit:g} s to {what}",
                     ),
                 )
                 return
             was_pending = buffer.pending
-            try:
-                lines = buffer.feed(data)
-            except LineTooLong as exc:
-                await self._send(stream, protocol.error(None, exc.code, f"closing: {exc}"))
-                return
+            lines, too_long = buffer.feed(data)
             for line in lines:
                 if line.strip() and not await self._request(stream, line, peer):
                     return
+            if too_long is not None:
+                await self._send(
+                    stream, protocol.error(None, too_long.code, f"closing: {too_long}")
+                )
+                return
             if buffer.pending and (lines or not was_pending):
                 line_deadline = anyio.current_time() + self.settings.line_timeout_s
+
+    def _refusal(self, peer: Peer) -> bytes | None:
+        """The answer for a connection that is not served at all, if this one is not."""
+        if self.connections > self.settings.max_connections:
+            return protocol.error(
+                None,
+                ErrorCode.TOO_MANY_CONNECTIONS,
+                f"the daemon serves at most {self.settings.max_connections} connections "
+                "(daemon.max_connections); try again later",
+            )
+        if not allowed(peer, self.allowed_gids):
+            log.warning("peer_refused", uid=peer.uid, pid=peer.pid)
+            return protocol.error(
+                None,
+                ErrorCode.PERMISSION_DENIED,
+                f"uid {peer.uid} may not use this daemon: only uid {os.geteuid()}, root and "
+                f"members of daemon.allowed_groups {list(self.settings.allowed_groups)} may",
+            )
+        return None
 
     async def _request(self, stream: ByteStream, line: bytes, peer: Peer) -> bool:
         """Answer one line; False when the connection is done (a subscription ended)."""
@@ -146,7 +149,7 @@ class ControlServer:
             await self._send(stream, protocol.error(None, exc.code, str(exc)))
             return True
         if request.cmd == "subscribe":
-            await self._subscribe(stream, request)
+            await self._subscribe(stream, request, peer)
             return False
         try:
             result = await self.commands.handle(request, peer)
@@ -154,14 +157,16 @@ class ControlServer:
             response = protocol.error(request.id, exc.code, str(exc))
         except Exception as exc:  # A bug must cost one request, never the daemon.
             log.exception("request_failed", cmd=request.cmd)
-            response = protocol.error(request.id, "internal", f"{type(exc).__name__}: {exc}")
+            response = protocol.error(
+                request.id, ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}"
+            )
         else:
             response = protocol.ok(request.id, result)
         await self._send(stream, response)
         return True
 
-    async def _subscribe(self, stream: ByteStream, request: Request) -> None:
-        wanted = EventFilter.of(request.args)
+    async def _subscribe(self, stream: ByteStream, request: Request, peer: Peer) -> None:
+        wanted = EventFilter.of(request.args, owner_uid=authz.owner_filter(peer.uid))
         async with self.events.subscribe() as events:
             await self._send(stream, protocol.ok(request.id, {"subscribed": True}))
             async with anyio.create_task_group() as tg:
@@ -186,16 +191,21 @@ class ControlServer:
 
 @dataclass(frozen=True, slots=True)
 class EventFilter:
-    """What a ``subscribe`` asked for: event types, and alert levels (other types pass)."""
+    """What a ``subscribe`` asked for: event types, and alert levels (other types pass); and
+    whose agents the subscriber may hear of (``owner_uid``; None: everyone's)."""
 
     types: frozenset[str] = frozenset()
     levels: frozenset[str] = frozenset()
+    owner_uid: int | None = None
 
     @classmethod
-    def of(cls, args: Mapping[str, Any]) -> EventFilter:
-        return cls(frozenset(args.get("types") or ()), frozenset(args.get("levels") or ()))
+    def of(cls, args: Mapping[str, Any], owner_uid: int | None = None) -> EventFilter:
+        types, levels = frozenset(args.get("types") or ()), frozenset(args.get("levels") or ())
+        return cls(types, levels, owner_uid)
 
     def __call__(self, event: Event) -> bool:
+        if self.owner_uid is not None and event.owner_uid != self.owner_uid:
+            return False
         if self.types and event.type.value not in self.types:
             return False
         return not (

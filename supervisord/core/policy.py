@@ -135,6 +135,32 @@ def request_end(
     return _grace(state, now, actions)
 
 
+def resume_end(
+    state: AgentState,
+    now: float,
+    reason: EndReason,
+    grace_s: float,
+    *,
+    term_sent_s_ago: float | None,
+    kill_sent: bool = False,
+) -> tuple[AgentState, list[Action]]:
+    """Carry on an escalation a previous daemon began (it crashed, or left its agents).
+
+    The grace runs from the SIGTERM that daemon sent (``term_sent_s_ago``), not from now: an
+    agent adopted after its grace ran out gets SIGKILL at once, one adopted within it when
+    the rest has passed. When the SIGTERM time is unknown the escalation starts over.
+    """
+    if term_sent_s_ago is None:
+        return request_end(state, now, reason, grace_s)
+    state = replace(
+        state, ending=reason, term_sent_at=now - term_sent_s_ago, grace_s=grace_s, kill_sent=False
+    )
+    if kill_sent or grace_s <= 0:
+        # SIGKILL again: the one sent before reached only the members that daemon knew.
+        return replace(state, kill_sent=True), [Signal(signal.SIGKILL, reason)]
+    return _grace(state, now, [])
+
+
 def root_exited(state: AgentState, now: float, grace_s: float) -> tuple[AgentState, list[Action]]:
     """The agent's own process ended: whatever it left behind gets the usual escalation."""
     state = replace(state, exited=True)

@@ -30,6 +30,11 @@ class AgentRecord:
     level: str = "OK"
     ending: str | None = None
     members: list[list[int]] = field(default_factory=list)
+    # An escalation under way: when the first signal went out (ISO 8601 UTC), its grace, and
+    # whether SIGKILL followed, so a new daemon finishes it rather than starting over.
+    term_sent_wall: str | None = None
+    grace_s: float | None = None
+    kill_sent: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -212,3 +212,13 @@ def supplementary_groups(pid: int) -> set[int]:
     except OSError:
         pass
     return set()
+
+
+def cmdline(pid: int) -> list[str]:
+    """A process's argv (empty when it is gone, or a kernel thread)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            data = f.read()
+    except OSError:
+        return []
+    return [arg.decode(errors="replace") for arg in data.split(b"\0")[:-1]]

@@ -3,23 +3,24 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import anyio
 
 from supervisord.core import cadence, policy
 from supervisord.core.clock import timestamps
-from supervisord.core.events import AlertEvent, ExitEvent, MemoryStats, Projection
+from supervisord.core.events import AlertEvent, ExitEvent, LaunchEvent, MemoryStats, Projection
 from supervisord.core.identity import Identity
 from supervisord.core.kinds import AlertKind, EndReason, Level
 from supervisord.core.limits import Limits
-from supervisord.core.policy import Alert
+from supervisord.core.policy import Action, Alert
 from supervisord.core.records import AgentRecord
 from supervisord.core.tracker import Tracking
 from supervisord.host.cgroup.base import AgentCgroup
 from supervisord.host.launcher import UNKNOWN_EXIT, Child, ExitStatus
+from supervisord.supervise.launchplan import LaunchRequest
 
 
 @dataclass(eq=False)
@@ -44,6 +45,37 @@ class Agent:
     cgroup_scope: anyio.CancelScope | None = None
     _entry_key: tuple[Any, ...] | None = None
     _entry: dict[str, Any] | None = None
+
+    @classmethod
+    def launched(
+        cls,
+        request: LaunchRequest,
+        subprocess_id: str,
+        command: tuple[str, ...],
+        child: Child,
+        limits: Limits,
+        cgroup: AgentCgroup | None,
+        now: float,
+    ) -> Agent:
+        """An agent just spawned for ``request``."""
+        return cls(
+            id=subprocess_id,
+            agent_type=request.agent_type,
+            command=command,
+            child=child,
+            limits=limits,
+            overrides=dict(request.limits),
+            started_wall=datetime.now(UTC),
+            state=policy.AgentState(started_at=now),
+            owner_uid=request.owner_uid,
+            members=((child.pid, child.start),),
+            cgroup=cgroup,
+        )
+
+    def launch_event(self, now: float) -> LaunchEvent:
+        return LaunchEvent(
+            self.id, self.agent_type, self.child.pid, self.stats(now), owner_uid=self.owner_uid
+        )
 
     def status_word(self) -> str:
         if self.state.ending is not None and self.state.ending.aborted:
@@ -120,6 +152,7 @@ class Agent:
             reason=self.state.ending,
             projection=self.projection(),
             crossed_to_term_s=crossed,
+            owner_uid=self.owner_uid,
         )
 
     def exit_event(
@@ -146,6 +179,7 @@ class Agent:
                 cgroup_peak_mb=cgroup_peak_mb,
             ),
             term_to_gone_s=term_to_gone_s,
+            owner_uid=self.owner_uid,
         )
 
     def state_entry(self) -> tuple[bool, dict[str, Any]]:
@@ -159,6 +193,8 @@ class Agent:
             round(self.state.peak_mb),
             len(self.state.warnings),
             self.state.ending,
+            self.state.term_sent_at,
+            self.state.kill_sent,
             self.members,
             self.tracking.start_mb,
             self.limits,
@@ -187,13 +223,26 @@ class Agent:
             level=self.state.level.name,
             ending=None if self.state.ending is None else self.state.ending.value,
             members=[[pid, start] for pid, start in self.members],
+            term_sent_wall=self._wall(self.state.term_sent_at),
+            grace_s=self.state.grace_s if self.state.ending is not None else None,
+            kill_sent=self.state.kill_sent,
         )
 
+    def _wall(self, at: float | None) -> str | None:
+        """A monotonic instant of this agent's life as wall-clock time, for state.json."""
+        if at is None:
+            return None
+        return (self.started_wall + timedelta(seconds=at - self.state.started_at)).isoformat()
+
     @classmethod
-    def restore(cls, record: AgentRecord, child: Child, limits: Limits, now: float) -> Agent:
-        """An agent a previous daemon left running, as that daemon last saw it."""
+    def restore(
+        cls, record: AgentRecord, child: Child, limits: Limits, now: float
+    ) -> tuple[Agent, list[Action]]:
+        """An agent a previous daemon left running, as that daemon last saw it, and what to do
+        about it now (an escalation that daemon began goes on where it was)."""
+        wall_now = datetime.now(UTC)
         started_wall = datetime.fromisoformat(record.started_wall)
-        age_s = max(0.0, (datetime.now(UTC) - started_wall).total_seconds())
+        age_s = max(0.0, (wall_now - started_wall).total_seconds())
         state = policy.AgentState(
             started_at=now - age_s,
             level=Level[record.level],
@@ -201,11 +250,22 @@ class Agent:
             current_mb=record.end_mb,
             warnings=tuple(record.warnings),
         )
+        actions: list[Action] = []
         if record.ending is not None:
-            # It was being stopped: the escalation starts over (SIGTERM, then grace).
-            state, _ = policy.request_end(state, now, EndReason(record.ending), limits.term_grace_s)
-            state = replace(state, term_sent_at=now)
-        return cls(
+            sent_ago = None
+            if record.term_sent_wall is not None:
+                sent = datetime.fromisoformat(record.term_sent_wall)
+                sent_ago = max(0.0, (wall_now - sent).total_seconds())
+            grace = limits.term_grace_s if record.grace_s is None else record.grace_s
+            state, actions = policy.resume_end(
+                state,
+                now,
+                EndReason(record.ending),
+                grace,
+                term_sent_s_ago=sent_ago,
+                kill_sent=record.kill_sent,
+            )
+        agent = cls(
             id=record.subprocess_id,
             agent_type=record.agent_type,
             command=tuple(record.command),
@@ -218,3 +278,4 @@ class Agent:
             members=tuple((pid, start) for pid, start in record.members),
             tracking=Tracking(start_mb=record.start_mb, end_mb=record.end_mb),
         )
+        return agent, actions

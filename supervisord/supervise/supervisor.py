@@ -12,7 +12,6 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping
 from contextlib import suppress
-from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import anyio
@@ -28,21 +27,20 @@ from supervisord.core.errors import (
     LaunchError,
     LaunchRefused,
     NotFoundError,
-    SupervisordError,
 )
-from supervisord.core.events import AlertEvent, Event, ExitEvent, LaunchEvent
+from supervisord.core.events import AlertEvent, Event, ExitEvent
 from supervisord.core.kinds import EndReason
-from supervisord.core.limits import Limits
 from supervisord.core.policy import Action, Alert, Signal
-from supervisord.core.records import AgentRecord, lost_event
+from supervisord.core.records import AgentRecord
 from supervisord.core.units import MIB
 from supervisord.host import enforcer, launcher, reaper
+from supervisord.host.agentlog import OutputPlace
 from supervisord.host.cgroup.backstop import Backstop
 from supervisord.host.cgroup.base import AgentCgroup
 from supervisord.host.sampler import Root, Sampler, TreeSample
 from supervisord.host.statefile import StateWriter
 from supervisord.host.sysmem import system_memory
-from supervisord.supervise import launchplan
+from supervisord.supervise import launchplan, recovery
 from supervisord.supervise.agent import Agent
 from supervisord.supervise.bus import Broadcaster
 from supervisord.supervise.launchplan import LaunchRequest
@@ -72,9 +70,12 @@ class Supervisor:
         clock: Callable[[], float] = time.monotonic,
         reap_orphans: bool = False,
         on_tick: Callable[[int], None] | None = None,
+        tick_at_least_every_s: float | None = None,
         backstop: Backstop | None = None,
     ) -> None:
         self.config = config
+        # The watchdog hears from the loop itself, so an idle loop must still turn this often.
+        self.tick_at_least_every_s = tick_at_least_every_s
         self.backstop = backstop
         self.cgroup_status: dict[str, Any] = {"in_force": "off", "reason": "not detected"}
         self.home = home
@@ -120,58 +121,45 @@ class Supervisor:
         log_path = self.home.agent_log(subprocess_id)
         spec = launchplan.spec_for(self.config, request, subprocess_id, command, log_path, cgroup)
         try:
-            child = launcher.spawn(spec)
+            child = launcher.spawn(spec, OutputPlace.of(self.home, self.config.daemon))
         except LaunchError:
             if cgroup is not None:
                 cgroup.remove()
             raise
         now = self.clock()
-        agent = Agent(
-            id=subprocess_id,
-            agent_type=request.agent_type,
-            command=command,
-            child=child,
-            limits=limits,
-            overrides=dict(request.limits),
-            started_wall=datetime.now(UTC),
-            state=policy.AgentState(started_at=now),
-            owner_uid=request.owner_uid,
-            members=((child.pid, child.start),),
-            cgroup=cgroup,
-        )
+        agent = Agent.launched(request, subprocess_id, command, child, limits, cgroup, now)
         self._register(agent)
         await self.state_writer.written()
         log.info(
             "agent_launched", subprocess_id=subprocess_id, pid=child.pid, command=list(command)
         )
-        self.bus.publish(LaunchEvent(agent.id, agent.agent_type, child.pid, agent.stats(now)))
+        self.bus.publish(agent.launch_event(now))
         return agent
 
     def adopt(self, records: list[AgentRecord]) -> None:
         """Carry on supervising agents a previous daemon left running (after a crash or a
         ``shutdown --leave-agents``); record those that ended meanwhile as ``lost``."""
+        place = OutputPlace.of(self.home, self.config.daemon)
         for record in records:
-            child = launcher.adopt(record.pid, record.start)
-            if child is None:
-                if self.backstop is not None and (
-                    gone := self.backstop.adopt(record.subprocess_id)
-                ):
-                    self._retire_later(gone)
-                lost = lost_event(record)
-                self.records.exit(lost)
-                self.bus.publish(lost)
+            outcome = recovery.resume(record, self.config, self.backstop, place, self.clock())
+            if isinstance(outcome, recovery.Lost):
+                if outcome.cgroup is not None:
+                    self._retire_later(outcome.cgroup)
+                self.records.exit(outcome.event)
+                self.bus.publish(outcome.event)
                 log.warning("agent_lost", subprocess_id=record.subprocess_id, pid=record.pid)
                 continue
-            try:
-                limits = self.config.limits_for(record.agent_type, record.overrides)
-            except SupervisordError:
-                limits = Limits(**record.limits)  # Its type's section changed; keep its own.
-            agent = Agent.restore(record, child, limits, self.clock())
-            if self.backstop is not None:
-                agent.cgroup = self.backstop.adopt(agent.id)
+            agent = outcome.agent
             self._sampler.remember(agent.id, agent.members)
             self._register(agent)
-            log.info("agent_adopted", subprocess_id=agent.id, pid=child.pid)
+            self._carry_out(agent, outcome.actions)
+            log.info("agent_adopted", subprocess_id=agent.id, pid=agent.child.pid)
+
+    def adopt_leftovers(self) -> None:
+        """Trees in agent cgroups that state.json does not name: the usual escalation, then a
+        stats record with reason ``lost``."""
+        if self.backstop is not None:
+            self.adopt(recovery.leftover_records(self.backstop, self.config))
 
     def get(self, subprocess_id: str) -> Agent:
         try:
@@ -218,9 +206,16 @@ class Supervisor:
     def apply_config(self, config: Config) -> None:
         """New thresholds for running agents (``reload``); their launch overrides still win."""
         for agent in self.agents.values():
-            agent.limits = config.limits_for(agent.agent_type, agent.overrides)
-            if self.backstop is not None and agent.cgroup is not None:
+            before, agent.limits = (
+                agent.limits,
+                config.limits_for(agent.agent_type, agent.overrides),
+            )
+            if self.backstop is not None and agent.cgroup is not None and agent.limits != before:
+                # The ceiling moves (or goes, while monitoring is disabled), and the usage
+                # threshold registered at launch is registered again at the new max_mb.
                 self.backstop.apply(agent.cgroup, agent.limits)
+                self._watch_kernel(agent)
+            agent.next_due = self.clock()  # held to the new limits at once, not at next tick
         self.config = config
         self._wake.set()
 
@@ -230,10 +225,19 @@ class Supervisor:
         assert self._tg is not None, "Supervisor.run() must be started first"
         self.agents[agent.id] = agent
         self._tg.start_soon(self._watch_exit, agent)
-        if self.backstop is not None and agent.cgroup is not None:
-            self._tg.start_soon(self._watch_cgroup, agent, self.backstop, agent.cgroup)
+        self._tg.start_soon(agent.child.output.drain)
+        self._watch_kernel(agent)
         self.state_writer.request(force=True)
         self._wake.set()
+
+    def _watch_kernel(self, agent: Agent) -> None:
+        """(Re)start the watch of an agent's cgroup for its limits in force."""
+        if self.backstop is None or agent.cgroup is None or self._tg is None:
+            return
+        if agent.cgroup_scope is not None:
+            agent.cgroup_scope.cancel()
+        scope = agent.cgroup_scope = anyio.CancelScope()
+        self._tg.start_soon(self._watch_cgroup, agent, self.backstop, agent.cgroup, scope)
 
     def _retire_later(self, cgroup: AgentCgroup) -> None:
         """Remove an agent's cgroup once the kernel lets go of it (off the event loop)."""
@@ -262,7 +266,10 @@ class Supervisor:
             if self.on_tick is not None:
                 # The watchdog hears from this loop itself: if it stalls, systemd notices.
                 self.on_tick(len(self.agents))
-            with anyio.move_on_after(self.schedule.delay(self.agents.values(), self.clock())):
+            delay = self.schedule.delay(self.agents.values(), self.clock())
+            if self.tick_at_least_every_s is not None:
+                delay = min(delay, self.tick_at_least_every_s)
+            with anyio.move_on_after(delay):
                 await self._wake.wait()
 
     def _discovery_interval(self) -> float:
@@ -342,7 +349,9 @@ class Supervisor:
         self._carry_out(agent, actions)
         self.request_full_scan()
 
-    async def _watch_cgroup(self, agent: Agent, backstop: Backstop, cgroup: AgentCgroup) -> None:
+    async def _watch_cgroup(
+        self, agent: Agent, backstop: Backstop, cgroup: AgentCgroup, scope: anyio.CancelScope
+    ) -> None:
         """The kernel's view of the tree: usage at max_mb, the ceiling reached."""
 
         def at_threshold() -> None:
@@ -350,15 +359,16 @@ class Supervisor:
             self._wake.set()
 
         def at_ceiling(mb: float) -> None:
+            if not agent.limits.enabled:
+                return  # No ceiling is set while monitoring is disabled; never kill for one.
             agent.state, actions = policy.kernel_oom(
                 agent.state, self.clock(), mb, backstop.ceiling_mb(agent.limits)
             )
             self._carry_out(agent, actions)
 
-        with anyio.CancelScope() as scope:
-            agent.cgroup_scope = scope
+        with scope:
             try:
-                await backstop.watch(cgroup, agent.limits.max_mb, at_threshold, at_ceiling)
+                await backstop.watch(cgroup, agent.limits, at_threshold, at_ceiling)
             except* (CgroupError, OSError) as group:
                 # The group went away under us (an agent that ended at once, its group
                 # already removed): one agent's watcher, never the daemon. Polling carries on.
@@ -419,6 +429,7 @@ class Supervisor:
                 if peak is not None:
                     peak_mb = round(peak / MIB, 1)
         gone_s = None if agent.signalled_at is None else round(now - agent.signalled_at, 4)
+        agent.child.output.finish()  # its log is whole before its record says it ended
         event = agent.exit_event(now, cgroup_peak_mb=peak_mb, term_to_gone_s=gone_s)
         self.records.exit(event)
         agent.final = event

@@ -21,7 +21,7 @@ from supervisord.config.cgroup import CgroupSettings
 from supervisord.core.errors import CgroupError
 from supervisord.core.limits import Limits
 from supervisord.core.units import MIB, mb_to_bytes
-from supervisord.host.cgroup.base import AgentCgroup, CgroupManager, drain
+from supervisord.host.cgroup.base import UNLIMITED, AgentCgroup, CgroupManager, drain
 from supervisord.host.cgroup.detect import Detection
 
 log = structlog.get_logger("supervisord.host.cgroup.backstop")
@@ -32,17 +32,23 @@ class Backstop:
     manager: CgroupManager
     settings: CgroupSettings
     detection: Detection
+    # Agent groups a previous daemon left with processes in them and no state.json entry.
+    leftovers: tuple[str, ...] = ()
 
     def ceiling_mb(self, limits: Limits) -> float:
         return self.settings.ceiling_bytes(limits.max_mb) / MIB
 
+    def ceiling_bytes(self, limits: Limits) -> int:
+        """The kernel's limit for these limits: none while monitoring is disabled, which must
+        not kill at a ceiling the daemon no longer enforces."""
+        return self.settings.ceiling_bytes(limits.max_mb) if limits.enabled else UNLIMITED
+
     def create(self, subprocess_id: str, limits: Limits) -> AgentCgroup | None:
         """A group for a new agent; None when it cannot be made (then polling alone guards it,
-        unless cgroups are required)."""
-        if not limits.enabled:
-            return None  # Monitoring disabled: no ceiling either.
+        unless cgroups are required). An agent with monitoring disabled gets one too, without
+        a ceiling, so that enabling monitoring later can give it its ceiling back."""
         try:
-            return self.manager.create(subprocess_id, self.settings.ceiling_bytes(limits.max_mb))
+            return self.manager.create(subprocess_id, self.ceiling_bytes(limits))
         except CgroupError as exc:
             if self.settings.mode == "required":
                 raise
@@ -56,18 +62,31 @@ class Backstop:
             return None
 
     def apply(self, cgroup: AgentCgroup, limits: Limits) -> None:
-        """New limits (``reload``): move the ceiling with ``max_mb``."""
-        with suppress(CgroupError, OSError):
-            cgroup.set_limit(self.settings.ceiling_bytes(limits.max_mb))
+        """New limits (``reload``): move the ceiling with ``max_mb``, or lift it while
+        monitoring is disabled. The usage threshold follows when the watch is re-armed."""
+        try:
+            cgroup.set_limit(self.ceiling_bytes(limits))
+        except (CgroupError, OSError) as exc:
+            # Usage above a lower new ceiling the kernel could not reclaim: the old one stays,
+            # and the daemon's own SIGTERM at max_mb still comes first.
+            log.warning("cgroup_limit_failed", path=str(cgroup.path), error=str(exc))
 
     async def watch(
         self,
         cgroup: AgentCgroup,
-        max_mb: float,
+        limits: Limits,
         on_threshold: Callable[[], None],
         on_oom: Callable[[float], None],
     ) -> None:
-        """Until cancelled: wake the sampler at ``max_mb``, report the ceiling being hit."""
+        """Until cancelled: wake the sampler at ``max_mb``, report the ceiling being hit.
+
+        With monitoring disabled there is nothing to watch: the threshold is lifted (on v2
+        ``memory.high`` would otherwise throttle the agent at its old limit) and this returns.
+        """
+        if not limits.enabled:
+            await anyio.to_thread.run_sync(cgroup.clear_threshold)
+            return
+        max_mb = limits.max_mb
         fds: list[int] = []
 
         async def oom(fd: int) -> None:

@@ -33,7 +33,14 @@ SHIM_FAILED_EXIT = 125
 # pid). fd 0 is cgroup.procs opened by the daemon; /dev/null replaces it before the agent runs, so
 # the agent never holds a descriptor that could move processes into the group.
 _SHIM_BY_STDIN = f'echo $$ >&0 || exit {SHIM_FAILED_EXIT}; exec "$@" </dev/null'
+# The same, entering "$1" first: as the agent's user, so it must be allowed to (exit 125 if not).
+_SHIM_BY_STDIN_CD = (
+    f'echo $$ >&0 || exit {SHIM_FAILED_EXIT}; cd -- "$1" || exit {SHIM_FAILED_EXIT}; '
+    'shift; exec "$@" </dev/null'
+)
 _POLL_S = 0.002
+# "No limit" for set_limit: the kernel clamps it to its own maximum (v2 writes "max").
+UNLIMITED = 2**63 - 1
 _PROCS_CHUNK = 65536
 _INOTIFY_EVENT_BYTES = 16
 
@@ -185,6 +192,10 @@ class AgentCgroup(ABC):
         """
 
     @abstractmethod
+    def clear_threshold(self) -> None:
+        """Take back what ``threshold_eventfd`` set in the group itself."""
+
+    @abstractmethod
     def oom_eventfd(self) -> int:
         """A non-blocking fd, readable when the group is at its ceiling with nothing to reclaim."""
 
@@ -219,20 +230,23 @@ class AgentCgroup(ABC):
     def empty(self) -> bool:
         return not self.pids()
 
-    def placement(self, command: Sequence[str]) -> Placement:
+    def placement(self, command: Sequence[str], cwd: str | None = None) -> Placement:
         """``command`` behind a shim that joins this group, then execs it (same pid).
 
         The agent is in the group before its first instruction, so nothing it forks escapes,
         and no ``preexec_fn`` is needed (that would force a slow fork). ``cgroup.procs`` is
         opened here, by the daemon, and handed to the shim as its stdin, so it works whatever
         user the agent runs as. If joining fails the shim exits with status 125 (its message
-        is in the agent's log).
+        is in the agent's log). With ``cwd`` the shim then enters it, as the agent's user
+        (Popen's ``cwd`` would be entered as root), and exits 125 if it may not.
         """
         try:
             fd = os.open(self.path / "cgroup.procs", os.O_WRONLY | os.O_CLOEXEC)
         except OSError as exc:
             raise CgroupError(f"cannot open {self.path}/cgroup.procs: {exc.strerror}") from exc
-        return Placement(argv=("/bin/sh", "-c", _SHIM_BY_STDIN, SHIM_NAME, *command), stdin=fd)
+        if cwd is None:
+            return Placement(("/bin/sh", "-c", _SHIM_BY_STDIN, SHIM_NAME, *command), stdin=fd)
+        return Placement(("/bin/sh", "-c", _SHIM_BY_STDIN_CD, SHIM_NAME, cwd, *command), stdin=fd)
 
     def contains(self, pid: int) -> bool:
         """Whether ``pid`` is in this group, from /proc/PID/cgroup (False once it is gone)."""

@@ -49,6 +49,9 @@ class V1AgentCgroup(AgentCgroup):
         """
         return self._register(self._usage_fd, str(threshold_bytes))
 
+    def clear_threshold(self) -> None:
+        """Nothing to undo: a v1 threshold lives only as long as its eventfd."""
+
     def oom_eventfd(self) -> int:
         """An eventfd signalled when the group hits its ceiling (at once if it already has)."""
         fd = os.open(self.path / "memory.oom_control", os.O_RDONLY | os.O_CLOEXEC)

@@ -22,9 +22,8 @@ from pathlib import Path
 
 from supervisord.core.errors import CgroupError
 from supervisord.host.cgroup import base as base
-from supervisord.host.cgroup.base import AgentCgroup, CgroupManager
+from supervisord.host.cgroup.base import UNLIMITED, AgentCgroup, CgroupManager
 
-UNLIMITED = 2**63 - 1
 _IN_MODIFY = 0x00000002
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -49,7 +48,8 @@ class V2AgentCgroup(AgentCgroup):
 
     def set_limit(self, limit_bytes: int) -> None:
         try:
-            base.write_file(self.path / "memory.max", str(limit_bytes))
+            value = "max" if limit_bytes >= UNLIMITED else str(limit_bytes)
+            base.write_file(self.path / "memory.max", value)
         except OSError as exc:
             raise CgroupError(
                 f"cannot set the limit of {self.path} to {limit_bytes}: {exc.strerror}"
@@ -78,6 +78,12 @@ class V2AgentCgroup(AgentCgroup):
         except OSError as exc:
             raise CgroupError(f"cannot set memory.high of {self.path}: {exc.strerror}") from exc
         return inotify_fd(self.path / "memory.events")
+
+    def clear_threshold(self) -> None:
+        try:
+            base.write_file(self.path / "memory.high", "max")
+        except OSError as exc:
+            raise CgroupError(f"cannot lift memory.high of {self.path}: {exc.strerror}") from exc
 
     def oom_eventfd(self) -> int:
         """Readable when ``memory.events`` changes; ``oom_killed()`` then says if it was OOM."""
