@@ -11,7 +11,7 @@ import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import anyio
 import pytest
@@ -208,3 +208,28 @@ async def wait_output(home: Home, subprocess_id: str, text: str, timeout_s: floa
     with anyio.fail_after(timeout_s):
         while not (path.exists() and text in path.read_text(errors="replace")):
             await anyio.sleep(0.02)
+
+
+def in_ci() -> bool:
+    """CI runs the suite with CI=true (.ci/run), where every test must really run."""
+    return os.environ.get("CI") == "true"
+
+
+def skip_or_fail(reason: str) -> NoReturn:
+    """Skip with ``reason`` on a developer's machine; under CI fail with it, since a skip there
+    would leave a path untested while the build looks green."""
+    if in_ci():
+        pytest.fail(f"{reason} (CI=true: this must not be skipped)", pytrace=False)
+    pytest.skip(reason)
+
+
+def require_tool(name: str, why: str) -> str:
+    """The path of the external tool ``name`` a test drives for real; ``why`` says what for.
+
+    A missing tool skips the test locally (the reason is printed with -ra) and fails in CI."""
+    # Also the usual places: CI environments sometimes run with a minimal PATH.
+    usual = "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin"
+    found = shutil.which(name) or shutil.which(name, path=usual)
+    if found is None:
+        skip_or_fail(f"{name} is not installed, needed for {why} (.ci/run installs it)")
+    return found

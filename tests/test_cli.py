@@ -13,6 +13,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ import pytest
 from supervisord.config.home import HOME_DIRNAME, Home
 from supervisord.config.settings import load_config
 from tests.conftest import TEST_MEMORY, alive, simagent, write_config
+from tests.test_reports import alert, stat, write
 
 SUBPROCESS_ID = re.compile(r"^[a-z][a-z0-9-]*_[0-9a-f]{12}$")
 NOT_RUNNING = 3
@@ -355,10 +357,54 @@ def test_init_reports_threshold_drift_and_reload_applies_it(cli: CLI, running: i
 
 
 def test_reports_run_without_a_daemon(cli: CLI) -> None:
+    """The reports read the home's logs as the daemon left them, and this machine's memory."""
+    now = datetime.now()
+    minute = timedelta(minutes=1)
+    write(
+        cli.home.stats_log,
+        stat("engineer_000000000001", 120.0, now - 25 * 60 * minute),  # not in the last 24 h
+        stat("engineer_000000000002", 100.0, now - 50 * minute),
+        "not a record\n",
+        stat("engineer_000000000003", 250.0, now - 40 * minute),
+        stat("engineer_000000000004", 570.0, now - 30 * minute, aborted=True),
+    )
+    write(
+        cli.home.alerts_log,
+        alert("engineer_000000000004", "WARNING", 1100.0, now - 32 * minute),
+        alert("engineer_000000000004", "CRITICAL", 2100.0, now - 31 * minute),
+    )
     health = cli("report", "health")
     assert health.returncode == 0, health.stderr
-    assert health.stdout.strip()
+    lines = health.stdout.splitlines()
+    assert lines[0] == "System Memory Health Check"
+    assert "  Agents finished: 3 (aborted: 1)" in lines
+    assert "  Alerts: 1 CRITICAL, 1 WARNING" in lines
+    assert "1 bad line(s) skipped:" in lines
+    verdicts = {
+        "Memory usage is healthy",
+        "WARNING: High memory usage detected!",
+        "CRITICAL: Very high memory usage!",
+    }
+    assert len(verdicts & set(lines)) == 1, lines
+    # This machine's memory, not a placeholder.
+    (total,) = [line for line in lines if line.startswith("Total Memory: ")]
+    meminfo = Path("/proc/meminfo").read_text().splitlines()
+    mem_total_kb = next(int(line.split()[1]) for line in meminfo if line.startswith("MemTotal:"))
+    assert float(total.split()[2]) == pytest.approx(mem_total_kb / 1024, abs=1)
+
     leaks = cli("report", "leaks", "--json")
     assert leaks.returncode == 0, leaks.stderr
-    json.loads(leaks.stdout)
+    report = json.loads(leaks.stdout)
+    # Every run in file order, as the guide's script reads them: (570 - 120) / 4 per run.
+    assert report["types"] == {
+        "engineer": {
+            "runs": 4,
+            "enough_data": True,
+            "avg_peak_mb": 260.0,
+            "max_peak_mb": 570.0,
+            "growth_mb_per_run": 112.5,
+            "possible_leak": True,
+        }
+    }
+    assert len(report["problems"]) == 1, report["problems"]
     assert not cli.home.pid_file.exists()

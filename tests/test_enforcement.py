@@ -1,10 +1,18 @@
-"""The kill path, end to end: a real daemon, real agents, real signals, real log files."""
+"""The kill path, end to end: a real daemon, real agents, real signals, real log files.
+
+Every test but the kernel-ceiling ones runs twice: with the cgroup backstop where the machine
+has one (``[cgroup] mode = "auto"``) and without it (``mode = "off"``), so the /proc-only path
+(tree scans, escaped grandchildren, SIGKILL after the grace) is tested on machines with
+cgroups too.
+"""
 
 from __future__ import annotations
 
 import os
 import signal
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -21,6 +29,7 @@ from tests.conftest import (
     alive,
     read_jsonl,
     simagent,
+    skip_or_fail,
     wait_output,
     write_config,
 )
@@ -28,6 +37,46 @@ from tests.conftest import (
 pytestmark = pytest.mark.anyio
 GRACE_S = TEST_MEMORY["term_grace_s"]
 INTERVAL_S = TEST_MEMORY["check_interval_s"]
+# The default margin of the tests (conftest.write_config): 50%, so graceful escalation never
+# races the kernel's ceiling.
+CGROUP_MODES: dict[str, dict[str, Any]] = {
+    "cgroup-auto": {"mode": "auto", "hard_margin_pct": 50},
+    "cgroup-off": {"mode": "off"},
+}
+
+
+@pytest.fixture(params=list(CGROUP_MODES), ids=list(CGROUP_MODES))
+def cgroup(request: pytest.FixtureRequest) -> dict[str, Any]:
+    """The [cgroup] table of this run: the backstop on (where the machine has one), or off."""
+    return CGROUP_MODES[request.param]
+
+
+@pytest.fixture
+def home(short_tmp: Path, cgroup: dict[str, Any]) -> Home:
+    home = Home(short_tmp / ".claude-pm")
+    write_config(home, cgroup=cgroup)
+    return home
+
+
+@pytest.fixture
+def daemon(home: Home, cgroup: dict[str, Any]) -> Iterator[DaemonProcess]:
+    proc = DaemonProcess(home).start()
+    try:
+        with proc.client() as client:
+            cgroups = client.status()["cgroups"]
+        if cgroup["mode"] == "off":
+            assert cgroups["in_force"] == "off", cgroups
+        elif cgroups["in_force"] == "off":  # the same run as cgroup-off: not worth repeating
+            skip_or_fail(f"no cgroup backstop on this machine: {cgroups['reason']}")
+        yield proc
+    finally:
+        proc.close()
+
+
+@pytest.fixture
+def ceiling_home(short_tmp: Path) -> Home:
+    """A home for the kernel-ceiling tests, which need the cgroup and write their own config."""
+    return Home(short_tmp / ".claude-pm")
 
 
 async def launch(client: AsyncClient, agent_type: str, command: list[str], **kw: object) -> str:
@@ -214,10 +263,12 @@ async def test_agent_runs_in_own_session_with_raised_oom_score(aclient: AsyncCli
     await aclient.kill(result["subprocess_id"])
 
 
-async def test_fast_leak_is_sampled_sooner_than_the_interval(home: Home) -> None:
+async def test_fast_leak_is_sampled_sooner_than_the_interval(
+    home: Home, cgroup: dict[str, Any]
+) -> None:
     """At a 2 s idle interval a 500 MB/s tree would pass max_mb by ~1 GB between scans;
     adaptive sampling stops it close to the limit, and the alerts carry the projection."""
-    write_config(home, {"check_interval_s": 2.0, "predict_s": 5.0})
+    write_config(home, {"check_interval_s": 2.0, "predict_s": 5.0}, cgroup=cgroup)
     proc = DaemonProcess(home).start()
     try:
         async with proc.async_client() as client, proc.async_client() as sub:
@@ -238,9 +289,10 @@ async def test_fast_leak_is_sampled_sooner_than_the_interval(home: Home) -> None
     assert record["term_to_gone_s"] >= 0
 
 
-async def test_kernel_ceiling_holds_a_1gb_per_s_hog(home: Home) -> None:
+async def test_kernel_ceiling_holds_a_1gb_per_s_hog(ceiling_home: Home) -> None:
     """With a 10% margin the cgroup never lets the tree's charge past 330 MB for max 300,
     however fast it grows; the daemon's SIGTERM (or the OOM event) ends it."""
+    home = ceiling_home
     write_config(home, {"max_mb": 300}, cgroup={"mode": "required", "hard_margin_pct": 10})
     proc = DaemonProcess(home).start()
     try:
@@ -256,9 +308,10 @@ async def test_kernel_ceiling_holds_a_1gb_per_s_hog(home: Home) -> None:
     assert record["memory_stats"]["cgroup_peak_mb"] <= 330.0
 
 
-async def test_ceiling_reached_during_the_grace_kills_at_once(home: Home) -> None:
+async def test_ceiling_reached_during_the_grace_kills_at_once(ceiling_home: Home) -> None:
     """A tree that ignores SIGTERM and keeps growing reaches the kernel ceiling long before
     its grace period ends: the OOM event makes the daemon SIGKILL it there and then."""
+    home = ceiling_home
     write_config(home, {"term_grace_s": 20}, cgroup={"mode": "required", "hard_margin_pct": 10})
     proc = DaemonProcess(home).start()
     try:
@@ -275,6 +328,7 @@ async def test_ceiling_reached_during_the_grace_kills_at_once(home: Home) -> Non
     assert record["memory_stats"]["cgroup_peak_mb"] <= 220.0
 
 
+@pytest.mark.parametrize("cgroup", [CGROUP_MODES["cgroup-auto"]], ids=["cgroup-auto"])
 async def test_agents_that_end_at_once_never_take_the_daemon_down(daemon: DaemonProcess) -> None:
     """An agent gone before its cgroup watchers are armed (its group may be removed first)
     costs at most that agent's watcher: every record is written and the daemon answers."""

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -30,7 +29,7 @@ from supervisord.observe.metrics import Metrics, follow
 from supervisord.observe.metrics_http import MetricsServer
 from supervisord.supervise.bus import Broadcaster
 from tests import typed_events as ev
-from tests.conftest import DaemonProcess, Events, simagent, write_config
+from tests.conftest import DaemonProcess, Events, require_tool, simagent, write_config
 
 pytestmark = pytest.mark.anyio
 ROOT = Path(__file__).resolve().parent.parent
@@ -44,10 +43,14 @@ GUIDE_LINT = {
     "claude_pm_subprocess_memory_mb": "abbreviated units",
     "claude_pm_subprocess_count": '"_count" suffix',
 }
-needs_prometheus = pytest.mark.skipif(
-    shutil.which("prometheus") is None or shutil.which("promtool") is None,
-    reason="Debian's prometheus package is not installed (.ci/run installs it)",
-)
+needs_prometheus = pytest.mark.usefixtures("prometheus_installed")
+
+
+@pytest.fixture
+def prometheus_installed() -> None:
+    """Debian's prometheus package: skipped without it locally, a failure in CI."""
+    for tool in ("prometheus", "promtool"):
+        require_tool(tool, "a real scrape and promtool's checks (Debian's prometheus package)")
 
 
 def agent(sid: str, mb: float, level: str = "OK", agent_type: str | None = None) -> dict[str, Any]:

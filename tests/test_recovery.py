@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import time
@@ -11,7 +12,7 @@ import anyio
 import pytest
 
 from supervisord.config.home import Home
-from supervisord.host import procfs
+from supervisord.host import enforcer, launcher, procfs
 from tests.conftest import DaemonProcess, Events, alive, read_jsonl, simagent, wait_output
 
 pytestmark = pytest.mark.anyio
@@ -131,6 +132,60 @@ async def test_a_reused_pid_is_never_adopted_nor_signalled(home: Home) -> None:
         assert stranger.poll() is None, "a stranger with a reused pid was signalled"
         (record,) = read_jsonl(home.stats_log)
         assert (record["subprocess_id"], record["reason"]) == ("ghost_000000000000", "lost")
+    finally:
+        stranger.kill()
+        stranger.wait()
+
+
+@pytest.mark.parametrize("has_pidfd", [True, False], ids=["pidfd", "no-pidfd"])
+def test_signal_identity_never_signals_a_pid_with_another_start_time(
+    monkeypatch: pytest.MonkeyPatch, has_pidfd: bool
+) -> None:
+    """The check under every signal the daemon sends: a live process whose start time is not
+    the recorded one is a stranger that got the pid, and is left alone (with pidfds, and on
+    the kill()-only path of kernels without them)."""
+    monkeypatch.setattr(enforcer, "HAS_PIDFD", has_pidfd)
+    stranger = subprocess.Popen(["sleep", "60"])
+    try:
+        start = procfs.start_time(stranger.pid)
+        assert start is not None
+        assert enforcer.signal_identity(stranger.pid, start - 1, signal.SIGKILL) is False
+        assert enforcer.signal_identity(stranger.pid, start + 1, signal.SIGKILL) is False
+        assert enforcer.signal_tree([(stranger.pid, start - 1)], signal.SIGKILL) == []
+        # Had one of those SIGKILLs gone out, it would be what ended the process: the right
+        # start time is signalled with SIGTERM, and SIGTERM is what ends it.
+        assert stranger.poll() is None
+        assert enforcer.signal_identity(stranger.pid, start, signal.SIGTERM) is True
+        assert stranger.wait(timeout=5) == -signal.SIGTERM
+        # Reaped, its pid belongs to no one: nothing to signal.
+        assert enforcer.signal_identity(stranger.pid, start, signal.SIGKILL) is False
+    finally:
+        stranger.kill()
+        stranger.wait()
+
+
+def test_adopt_refuses_a_pid_with_another_start_time_or_a_zombie() -> None:
+    stranger = subprocess.Popen(["sleep", "60"])
+    try:
+        start = procfs.start_time(stranger.pid)
+        assert start is not None
+        assert launcher.adopt(stranger.pid, start - 1) is None
+        assert launcher.adopt(stranger.pid, start + 1) is None
+        child = launcher.adopt(stranger.pid, start)  # the control: the right one is adopted
+        assert child is not None
+        try:
+            assert (child.pid, child.start, child.popen) == (stranger.pid, start, None)
+        finally:
+            os.close(child.pidfd)
+        # Ended but not yet reaped, with the right start time: lost, not adopted.
+        stranger.send_signal(signal.SIGKILL)
+        deadline = time.monotonic() + 5
+        while alive(stranger.pid):
+            assert time.monotonic() < deadline, "the stranger did not become a zombie"
+            time.sleep(0.01)
+        assert procfs.start_time(stranger.pid) == start
+        assert launcher.adopt(stranger.pid, start) is None
+        assert stranger.poll() == -signal.SIGKILL
     finally:
         stranger.kill()
         stranger.wait()

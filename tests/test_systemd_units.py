@@ -21,6 +21,7 @@ from structlog.testing import capture_logs
 
 from supervisord.host import sdnotify
 from supervisord.host.sdnotify import Notifier
+from tests.conftest import require_tool
 
 ROOT = Path(__file__).resolve().parent.parent
 SYSTEMD_DIR = ROOT / "systemd"
@@ -53,15 +54,7 @@ def _unit_settings(path: Path) -> dict[str, list[str]]:
 
 
 def _systemd_analyze() -> str:
-    # Also look in the usual place: CI environments sometimes run with a minimal PATH.
-    exe = shutil.which("systemd-analyze") or shutil.which(
-        "systemd-analyze", path="/usr/bin:/bin:/usr/sbin:/sbin"
-    )
-    if exe is None:
-        pytest.fail(
-            "systemd-analyze not found: the unit files cannot be verified. "
-            "Install it with `apt-get install systemd` (it is needed only to run this test)."
-        )
+    exe = require_tool("systemd-analyze", "verifying the unit files (`apt-get install systemd`)")
     version = subprocess.run(
         [exe, "--version"], capture_output=True, text=True, timeout=WAIT_S, check=False
     )

@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -28,7 +27,7 @@ from supervisord.observe.top import (
     sparkline,
     time_to_limit,
 )
-from tests.conftest import DaemonProcess, simagent
+from tests.conftest import DaemonProcess, require_tool, simagent
 
 pytestmark = pytest.mark.anyio
 ROOT = Path(__file__).resolve().parent.parent
@@ -166,8 +165,7 @@ class Tmux:
 
 @pytest.fixture
 def tmux(short_tmp: Path) -> Iterator[Tmux]:
-    if shutil.which("tmux") is None:
-        pytest.skip("tmux is not installed (.ci/run installs it)")
+    require_tool("tmux", "`claude-pm top` on a real terminal")
     env = {**os.environ, "LC_ALL": "C.UTF-8", "LANG": "C.UTF-8", "TERM": "xterm-256color"}
     server = Tmux(short_tmp / "tmux.sock", env)
     yield server

@@ -15,6 +15,7 @@ from typing import Any
 import anyio
 import httpx
 import pytest
+from structlog.testing import capture_logs
 
 from supervisord.config.home import Home
 from supervisord.config.observe import AlertSettings, Webhook
@@ -291,13 +292,28 @@ async def test_delivery_retries_5xx_and_429_and_gives_up_quietly(receiver: Recei
 async def test_a_full_queue_drops_the_notice_instead_of_waiting() -> None:
     sender = WebhookSender(Webhook(url="http://127.0.0.1:9/", name="q", retries=0), 1, "h")
     notice = Notice(alert("sigterm_sent"), ("sigterm_sent",))
-    sender.offer(notice)
-    sender.offer(notice)  # no task drains it: the second is dropped at once
-    sender.offer(Notice(alert("memory_warning"), ()))  # below min_level
+    with capture_logs() as offered:
+        sender.offer(notice)
+        sender.offer(notice)  # no task drains it: the second is dropped at once
+        sender.offer(Notice(alert("memory_warning"), ()))  # below min_level: not even queued
     sender.close()
-    async with httpx.AsyncClient() as client:
-        with anyio.fail_after(5):  # the queued one is still delivered (and fails: port 9)
-            await sender.run(client)
+    assert offered == [
+        {
+            "event": "webhook_queue_full",
+            "log_level": "warning",
+            "webhook": "q",
+            "subprocess_id": notice.alert.subprocess_id,
+            "alert_event": "sigterm_sent",
+        }
+    ]
+    with capture_logs() as delivered:
+        async with httpx.AsyncClient() as client:
+            with anyio.fail_after(5):  # the queued one is still delivered (and fails: port 9)
+                await sender.run(client)
+    # Exactly one notice was queued: one attempt, for the sigterm_sent alert, and no other.
+    assert [(e["event"], e["alert_event"], e["attempts"]) for e in delivered] == [
+        ("webhook_failed", "sigterm_sent", 1)
+    ]
 
 
 @dataclass
