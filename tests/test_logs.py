@@ -155,6 +155,28 @@ async def test_logs_follow_ends_when_the_agent_ends(daemon: DaemonProcess) -> No
     assert "no output log" in err
 
 
+async def test_logs_follow_carries_on_across_rotations(home: Home) -> None:
+    """The daemon rotates an agent's log under a follower: nothing is lost or repeated."""
+    write_config(home, daemon={"agent_log_max_bytes": 400, "log_backups": 50})
+    daemon = DaemonProcess(home).start()
+    try:
+        async with daemon.async_client() as client:
+            talker = (
+                # Line 0, then a pause for the follower to start, then enough to rotate often.
+                "import time\nfor i in range(60):\n"
+                " print(f'line {i:03d} ' + 'x' * 30, flush=True); time.sleep(2 if i == 0 else 0.03)"
+            )
+            sid = (await client.launch("talker", [sys.executable, "-c", talker]))["subprocess_id"]
+            await wait_output(home, sid, "line 000")
+            follow = _cli(home, "logs", sid, "--follow")
+            out, _ = follow.communicate(timeout=30)
+    finally:
+        daemon.close()
+    assert follow.returncode == 0
+    assert home.agent_log(sid).with_name(f"{sid}.log.1").exists()  # it did rotate
+    assert out.splitlines() == [f"line {i:03d} " + "x" * 30 for i in range(60)]
+
+
 def test_an_unwritable_log_costs_the_record_not_the_writer(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

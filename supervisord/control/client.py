@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import itertools
+import os
 import socket
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
@@ -208,12 +209,19 @@ class Client(_Commands):
         self, subprocess_id: str, path: Path, write: Callable[[bytes], None], poll_s: float = 0.2
     ) -> None:
         """Copy an agent's output log to ``write``, then what it appends, until the agent is
-        gone (or the daemon is); the tail written after that is copied too."""
-        with open(path, "rb") as f:
+        gone (or the daemon is); the tail written after that is copied too. When the daemon
+        rotates the log (or recreates it), the rest of the old file is copied, then the new
+        one from its start, as ``tail -F`` does."""
+        f = open(path, "rb")  # noqa: SIM115 - reopened across rotations below
+        try:
             while True:
                 chunk = f.read()
                 if chunk:
                     write(chunk)
+                    continue
+                if _replaced(f, path):
+                    f.close()
+                    f = open(path, "rb")  # noqa: SIM115
                     continue
                 try:
                     self.stats(subprocess_id)
@@ -221,6 +229,18 @@ class Client(_Commands):
                     write(f.read())
                     return
                 time.sleep(poll_s)
+        finally:
+            f.close()
+
+
+def _replaced(f: Any, path: Path) -> bool:
+    """Whether ``path`` now names another file than the open ``f`` (rotated or recreated)."""
+    try:
+        now = os.stat(path)
+    except FileNotFoundError:
+        return False  # between a rotation and the next write: keep reading the old one
+    was = os.fstat(f.fileno())
+    return (now.st_dev, now.st_ino) != (was.st_dev, was.st_ino)
 
 
 class AsyncClient(_Commands):
