@@ -58,15 +58,8 @@ class TaskToolHelper:
         try:
             start_daemon(home)
             with Client(resolve_socket(home)) as client:
-                result = client.launch(
-                    agent_type,
-                    command,
-                    task=None if command else task_description,
-                    cwd=cwd,
-                    env=env,
-                    limits=self.config.limits() or None,
-                    force=force or None,
-                )
+                launch = self._launch_args(task_description, cwd, env, command, force)
+                result = client.launch(agent_type, command, **launch)
         except SupervisordError as exc:
             return {
                 "success": False,
@@ -100,16 +93,26 @@ class TaskToolHelper:
         try:
             start_daemon(home)
             with Client(resolve_socket(home), timeout_s=None) as client:
-                launched, record = client.launch_and_wait(
-                    agent_type,
-                    command,
-                    task=None if command else task_description,
-                    cwd=cwd,
-                    env=env,
-                    limits=self.config.limits() or None,
-                    force=force or None,
-                )
+                launch = self._launch_args(task_description, cwd, env, command, force)
+                launched, record = client.launch_and_wait(agent_type, command, **launch)
         except SupervisordError as exc:
             return {"success": False, "error": str(exc), "subprocess_id": None, "record": None}
         ok = record.get("reason") == "exited" and record.get("exit_code") == 0
         return {"success": ok, "subprocess_id": launched["subprocess_id"], "record": record}
+
+    def _launch_args(
+        self,
+        task_description: str,
+        cwd: str | None,
+        env: dict[str, str] | None,
+        command: list[str] | None,
+        force: bool,
+    ) -> dict[str, Any]:
+        """The client's launch arguments for this helper's configuration."""
+        return {
+            "task": None if command else task_description,
+            "cwd": cwd,
+            "env": env,
+            "limits": self.config.limits() or None,
+            "force": force or None,
+        }
