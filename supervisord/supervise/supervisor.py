@@ -23,7 +23,6 @@ from supervisord.config.home import Home
 from supervisord.config.settings import Config
 from supervisord.core import policy, tracker
 from supervisord.core.errors import (
-    CgroupError,
     LaunchError,
     LaunchRefused,
     NotFoundError,
@@ -43,6 +42,7 @@ from supervisord.host.sysmem import system_memory
 from supervisord.supervise import launchplan, recovery
 from supervisord.supervise.agent import Agent
 from supervisord.supervise.bus import Broadcaster
+from supervisord.supervise.kernel import KernelWatch
 from supervisord.supervise.launchplan import LaunchRequest
 from supervisord.supervise.schedule import Schedule
 
@@ -86,6 +86,11 @@ class Supervisor:
         self.on_tick = on_tick
         self.agents: dict[str, Agent] = {}
         self.state_writer = StateWriter(home.state_file, self._state_entries, clock=clock)
+        self._kernel = (
+            None
+            if backstop is None
+            else KernelWatch(backstop, clock, self._wake_up, self._carry_out)
+        )
         self._sampler = Sampler()
         self._limiter = anyio.CapacityLimiter(1)
         self._wake = anyio.Event()
@@ -231,13 +236,11 @@ class Supervisor:
         self._wake.set()
 
     def _watch_kernel(self, agent: Agent) -> None:
-        """(Re)start the watch of an agent's cgroup for its limits in force."""
-        if self.backstop is None or agent.cgroup is None or self._tg is None:
-            return
-        if agent.cgroup_scope is not None:
-            agent.cgroup_scope.cancel()
-        scope = agent.cgroup_scope = anyio.CancelScope()
-        self._tg.start_soon(self._watch_cgroup, agent, self.backstop, agent.cgroup, scope)
+        if self._kernel is not None and self._tg is not None:
+            self._kernel.start(agent, self._tg)
+
+    def _wake_up(self) -> None:
+        self._wake.set()
 
     def _retire_later(self, cgroup: AgentCgroup) -> None:
         """Remove an agent's cgroup once the kernel lets go of it (off the event loop)."""
@@ -348,32 +351,6 @@ class Supervisor:
         )
         self._carry_out(agent, actions)
         self.request_full_scan()
-
-    async def _watch_cgroup(
-        self, agent: Agent, backstop: Backstop, cgroup: AgentCgroup, scope: anyio.CancelScope
-    ) -> None:
-        """The kernel's view of the tree: usage at max_mb, the ceiling reached."""
-
-        def at_threshold() -> None:
-            agent.next_due = self.clock()  # look now, not at the next tick
-            self._wake.set()
-
-        def at_ceiling(mb: float) -> None:
-            if not agent.limits.enabled:
-                return  # No ceiling is set while monitoring is disabled; never kill for one.
-            agent.state, actions = policy.kernel_oom(
-                agent.state, self.clock(), mb, backstop.ceiling_mb(agent.limits)
-            )
-            self._carry_out(agent, actions)
-
-        with scope:
-            try:
-                await backstop.watch(cgroup, agent.limits, at_threshold, at_ceiling)
-            except* (CgroupError, OSError) as group:
-                # The group went away under us (an agent that ended at once, its group
-                # already removed): one agent's watcher, never the daemon. Polling carries on.
-                errors = [str(exc) for exc in group.exceptions]
-                log.warning("cgroup_watch_failed", subprocess_id=agent.id, errors=errors)
 
     async def _stop_quietly(self, subprocess_id: str, reason: EndReason) -> None:
         with suppress(NotFoundError):  # It may have ended on its own meanwhile.
