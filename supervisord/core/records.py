@@ -62,4 +62,5 @@ def lost_event(record: AgentRecord, now: datetime | None = None) -> ExitEvent:
             aborted=EndReason.LOST.aborted,
         ),
         at=now,
+        owner_uid=record.owner_uid,
     )

@@ -22,11 +22,7 @@ from anyio.abc import TaskGroup, TaskStatus
 from supervisord.config.home import Home
 from supervisord.config.settings import Config
 from supervisord.core import policy, tracker
-from supervisord.core.errors import (
-    LaunchError,
-    LaunchRefused,
-    NotFoundError,
-)
+from supervisord.core.errors import CgroupError, LaunchError, LaunchRefused, NotFoundError
 from supervisord.core.events import AlertEvent, Event, ExitEvent
 from supervisord.core.kinds import EndReason
 from supervisord.core.policy import Action, Alert, Signal
@@ -127,7 +123,8 @@ class Supervisor:
         spec = launchplan.spec_for(self.config, request, subprocess_id, command, log_path, cgroup)
         try:
             child = launcher.spawn(spec, OutputPlace.of(self.home, self.config.daemon))
-        except LaunchError:
+        except (LaunchError, CgroupError):
+            # Nothing runs in the group yet (placement failed, or the spawn): it must go too.
             if cgroup is not None:
                 cgroup.remove()
             raise
