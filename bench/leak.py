@@ -48,6 +48,8 @@ class Plan:
 FULL = Plan(limit_mb=1024, rates=(100, 500, 1000), repeats=3, cap_mb=4096)
 QUICK = Plan(limit_mb=256, rates=(500,), repeats=1, cap_mb=768)
 OVERSHOOT_TARGET = 0.10  # of max_mb
+# Sampling alone (no kernel backstop) is held to a stricter bar: it is all some hosts have.
+POLLING_OVERSHOOT_TARGET = 0.05  # of max_mb, at the top rate
 SIGTERM_TARGET_MS = 100.0
 DAEMON, MEMMON = "daemon", "memmon"
 # The daemon with its kernel backstop off: what its sampling alone achieves (macOS, or Linux
@@ -338,6 +340,9 @@ def _figures(runs: list[Run], rates: tuple[int, ...], limit: int, repeats: int) 
                         value=_median([r.overshoot_mb for r in polling]),
                         baseline=_median([r.overshoot_mb for r in theirs]),
                         baseline_label="memmon -c, TICK_5",
+                        target=Target("<", POLLING_OVERSHOOT_TARGET * limit)
+                        if rate == top
+                        else None,
                     ),
                     Figure(
                         key=f"leak.polling.sigterm_ms.{shape}.{rate}",

@@ -12,6 +12,7 @@ import subprocess
 import time
 from pathlib import Path
 
+from bench import peer, peer_fleet
 from bench.common import (
     PYTHON,
     BenchResult,
@@ -40,6 +41,7 @@ QUICK_SIZES = (5,)
 CPU_TARGET_PCT = 2.0
 RSS_TARGET_MB = 80.0
 BASELINE = "psutil loop"
+OFF = {"cgroup": {"mode": "off"}}
 
 
 def run(quick: bool = False) -> BenchResult:
@@ -77,7 +79,84 @@ def run(quick: bool = False) -> BenchResult:
                 result.notes.append(
                     f"{size} trees: the psutil loop did not finish one tick in {window_s:g} s"
                 )
+    top = sizes[-1]
+    result.figures += _backstop_off(top, window_s, warmup_s, result)
+    result.figures += _peer(top, window_s, warmup_s, quick, result)
     return result
+
+
+def _backstop_off(size: int, window_s: float, warmup_s: float, result: BenchResult) -> list[Figure]:
+    """The same trees under a daemon whose kernel backstop is off: every tree is then found
+    by a /proc scan each interval, so this is the daemon's cost without cgroups."""
+    with Daemon(MEMORY, "ovoff", OFF) as daemon, daemon.client() as client:
+        for _ in range(size):
+            daemon.launch(client, "idle", COMMAND)
+        wait_complete(client, size)
+        assert client.status()["cgroups"]["in_force"] == "off"
+        time.sleep(warmup_s)
+        log(f"overhead: measuring the daemon with the cgroup backstop off over {window_s:g} s")
+        usage = measure_usage(daemon.pid, window_s)
+    result.details["backstop_off"] = {str(size): usage.as_dict()}
+    naive = result.details["sizes"][str(size)]["baseline"]
+    return [
+        Figure(
+            key=f"overhead.cpu_pct.{size}.backstop_off",
+            label=f"CPU, {size} idle trees, cgroup backstop off",
+            unit="% core",
+            value=round(usage.cpu_pct, 3),
+            baseline=naive["cpu_pct"],
+            baseline_label=BASELINE,
+            target=Target("<", CPU_TARGET_PCT),
+        ),
+        Figure(
+            key=f"overhead.rss_mb.{size}.backstop_off",
+            label=f"RSS, {size} idle trees, cgroup backstop off",
+            unit="MB",
+            value=round(usage.rss_mb, 1),
+            baseline=naive["rss_mb"],
+            baseline_label=BASELINE,
+            target=Target("<", RSS_TARGET_MB),
+        ),
+    ]
+
+
+def _peer(
+    size: int, window_s: float, warmup_s: float, quick: bool, result: BenchResult
+) -> list[Figure]:
+    """supervisord + memmon's own cost for as many idle programs: a peer that does the job."""
+    if quick:
+        return []  # pip-installing the peer is not for a smoke run
+    why_not = peer.ensure_installed()
+    if why_not is not None:
+        result.notes.append(f"no supervisord + memmon baseline: {why_not}")
+        return []
+    log(f"overhead: supervisord + memmon with {size} idle programs")
+    fleet = peer_fleet.measure(size, window_s, max(warmup_s, 6.0))
+    result.details["peer_fleet"] = fleet.as_dict()
+    result.notes.append(
+        f"supervisord + memmon (-c -a, TICK_5): {size} programs started in "
+        f"{fleet.started_s:.0f} s; CPU and RSS are supervisord's and memmon's together"
+    )
+    ours = result.details["sizes"][str(size)]["daemon"]
+    peer_label = "supervisord + memmon -c"
+    return [
+        Figure(
+            key=f"overhead.peer_cpu_pct.{size}",
+            label=f"CPU, {size} idle trees, beside supervisord + memmon",
+            unit="% core",
+            value=ours["cpu_pct"],
+            baseline=round(fleet.cpu_pct, 3),
+            baseline_label=peer_label,
+        ),
+        Figure(
+            key=f"overhead.peer_rss_mb.{size}",
+            label=f"RSS, {size} idle trees, beside supervisord + memmon",
+            unit="MB",
+            value=ours["rss_mb"],
+            baseline=round(fleet.rss_mb, 1),
+            baseline_label=peer_label,
+        ),
+    ]
 
 
 def _figures(size: int, ours: Usage, naive: Usage, *, last: bool) -> list[Figure]:

@@ -18,7 +18,12 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 EXPECTED = {
-    "overhead": {"overhead.cpu_pct.5", "overhead.rss_mb.5"},
+    "overhead": {
+        "overhead.cpu_pct.5",
+        "overhead.rss_mb.5",
+        "overhead.cpu_pct.5.backstop_off",
+        "overhead.rss_mb.5.backstop_off",
+    },
     "leak": {
         f"leak.{figure}.{shape}.500"
         for figure in ("overshoot_mb", "sigterm_ms", "gone_ms")
