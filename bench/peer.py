@@ -73,7 +73,8 @@ class PeerRun:
     memmon_saw_mb: list[float]
 
 
-CONFIG = """\
+# What every supervisord of the benchmarks shares; {options} adds [supervisord] lines.
+HEADER = """\
 [unix_http_server]
 file={dir}/s.sock
 
@@ -81,12 +82,14 @@ file={dir}/s.sock
 logfile={dir}/supervisord.log
 pidfile={dir}/supervisord.pid
 childlogdir={dir}
-loglevel=debug
 nodaemon=true
+{options}
 
 [rpcinterface:supervisor]
 supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface
 
+"""
+CONFIG = """\
 [supervisorctl]
 serverurl=unix://{dir}/s.sock
 
@@ -115,7 +118,10 @@ class Supervisord:
         self.dir = short_tmpdir("mm")
         self.tag = tag
         (self.dir / "supervisord.conf").write_text(
-            CONFIG.format(dir=self.dir, command=" ".join(command), memmon=MEMMON, limit_mb=limit_mb)
+            HEADER.format(dir=self.dir, options="loglevel=debug")
+            + CONFIG.format(
+                dir=self.dir, command=" ".join(command), memmon=MEMMON, limit_mb=limit_mb
+            )
         )
         with open(self.dir / "stderr", "wb") as out:
             self.proc = subprocess.Popen(

@@ -19,24 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.common import clean_env, cpu_seconds, short_tmpdir, status_mb, stop_process, wait_until
-from bench.peer import MEMMON, SUPERVISORD
+from bench.peer import HEADER, MEMMON, SUPERVISORD
 
 # A sleep no other tree uses, so anything left behind is found (and killed) by its argv.
 TAG_SLEEP = "sleep 100017"
 CONFIG = """\
-[unix_http_server]
-file={dir}/s.sock
-
-[supervisord]
-logfile={dir}/supervisord.log
-pidfile={dir}/supervisord.pid
-childlogdir={dir}
-nodaemon=true
-minfds=8192
-
-[rpcinterface:supervisor]
-supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface
-
 [program:idle]
 command=sh -c "{tag} & {tag} & wait"
 process_name=idle_%(process_num)03d
@@ -77,7 +64,8 @@ def measure(n: int, window_s: float, warmup_s: float) -> FleetUsage:
     """Start the fleet, wait until every program runs, warm up, measure, stop it all."""
     workdir = short_tmpdir("mf")
     (workdir / "supervisord.conf").write_text(
-        CONFIG.format(dir=workdir, tag=TAG_SLEEP, n=n, memmon=MEMMON)
+        HEADER.format(dir=workdir, options="minfds=8192")
+        + CONFIG.format(dir=workdir, tag=TAG_SLEEP, n=n, memmon=MEMMON)
     )
     t0 = time.monotonic()
     with open(workdir / "stderr", "wb") as out:
