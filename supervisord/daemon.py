@@ -30,8 +30,9 @@ from supervisord.control.commands import Commands
 from supervisord.control.server import ControlServer
 from supervisord.core.clock import timestamps
 from supervisord.core.errors import ConfigError, DaemonAlreadyRunning
+from supervisord.core.history import PeakHistory
 from supervisord.core.records import AgentRecord
-from supervisord.host import statefile
+from supervisord.host import statefile, statshistory
 from supervisord.host.cgroup.backstop import Backstop
 from supervisord.host.cgroup.detect import detect, group_name
 from supervisord.observe import metrics_http, webhooks
@@ -187,7 +188,8 @@ async def serve(
         listener, socket_path, release_socket = await _listen(config, home, inherited, stack)
         home.pid_file.write_text(f"{os.getpid()}\n")
         stack.callback(home.pid_file.unlink, missing_ok=True)
-        records, problems = statefile.load(home.state_file)
+        state = statefile.load(home.state_file)
+        records = state.records
         supervisor = _supervisor(config, home, records, stack, reap_orphans)
         supervisor.on_tick, supervisor.tick_at_least_every_s = on_tick, tick_at_least_every_s
         daemon = Daemon(
@@ -205,10 +207,11 @@ async def serve(
                 await tg.start(metrics_http.serve, supervisor, config.metrics)
             await tg.start(webhooks.serve, supervisor)
             await tg.start(supervisor.run)
-            for problem in problems:
+            for problem in state.problems:
                 log.error("state_unreadable", problem=problem)
             supervisor.adopt(records)
             supervisor.adopt_leftovers()
+            supervisor.restore_queue(state.queue)
             await tg.start(server.serve, listener)
             if handle_signals:
                 tg.start_soon(_signals, daemon)
@@ -239,7 +242,12 @@ def _supervisor(
     backstop, cgroup_status = open_backstop(config, home, records)
     if backstop is not None:
         stack.callback(backstop.close)
-    supervisor = Supervisor(config, home, eventlog, reap_orphans=reap_orphans, backstop=backstop)
+    history = PeakHistory()
+    for agent_type, peak_mb, aborted in statshistory.recent_runs(home.stats_log):
+        history.add(agent_type, peak_mb, aborted=aborted)
+    supervisor = Supervisor(
+        config, home, eventlog, reap_orphans=reap_orphans, backstop=backstop, history=history
+    )
     supervisor.cgroup_status = cgroup_status
     return supervisor
 

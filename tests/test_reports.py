@@ -12,9 +12,10 @@ from typing import Any
 import pytest
 
 from supervisord.core.errors import UsageError
+from supervisord.core.history import percentile
 from supervisord.host.sysmem import SystemMemory
 from supervisord.observe.logread import iter_records, rotated_files
-from supervisord.observe.reports import REPORTS, percentile, run_report
+from supervisord.observe.reports import REPORTS, run_report
 
 NOW = datetime(2026, 11, 26, 15, 0, 0)
 SYSTEM = SystemMemory(

@@ -17,9 +17,11 @@ from typing import Any
 import tomli_w
 
 from supervisord.config.cgroup import CgroupSettings
+from supervisord.config.host import HostSettings
 from supervisord.config.observe import AlertSettings, MetricsSettings, parse_alerts, parse_metrics
 from supervisord.core.errors import ConfigError
 from supervisord.core.limits import LIMIT_KEYS, METRICS, Limits
+from supervisord.core.scheduling import SCHEDULING_KEYS, Scheduling, apply_scheduling
 from supervisord.core.validate import (
     boolean,
     group,
@@ -79,6 +81,7 @@ class AgentType:
     env: Mapping[str, str] = field(default_factory=dict)
     cwd: str | None = None
     limits: Mapping[str, Any] = field(default_factory=dict)
+    scheduling: Scheduling = field(default_factory=Scheduling)
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +95,7 @@ class Config:
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     alerts: AlertSettings = field(default_factory=AlertSettings)
     cgroup: CgroupSettings = field(default_factory=CgroupSettings)
+    host: HostSettings = field(default_factory=HostSettings)
 
     def agent_type(self, name: str) -> AgentType:
         validate_agent_type(name)
@@ -103,6 +107,13 @@ class Config:
         if overrides:
             merged = _apply_limits(merged, overrides, "limits")
         return merged.validated(f"limits of {agent_type}")
+
+    def scheduling_for(
+        self, agent_type: str, overrides: Mapping[str, Any] | None = None
+    ) -> Scheduling:
+        """The type's request, priority and on_pressure, then the launch's own."""
+        base = self.agent_type(agent_type).scheduling
+        return apply_scheduling(base, overrides or {}, "launch") if overrides else base
 
     def public(self) -> dict[str, Any]:
         """What ``status`` reports as the config in force."""
@@ -152,13 +163,13 @@ def load_config(path: Path | None, environ: Mapping[str, str] | None = None) -> 
     return replace(config, limits=limits, daemon=daemon, sources=tuple(sources))
 
 
-SECTIONS = ("memory", "daemon", "agents", "metrics", "alerts", "cgroup")
+SECTIONS = ("memory", "daemon", "agents", "metrics", "alerts", "cgroup", "host")
 MEMORY_KEYS = LIMIT_KEYS | {"check_interval_s", "min_interval_s"}
 DAEMON_KEYS = frozenset(f.name for f in fields(DaemonSettings)) - {
     "check_interval_s",
     "min_interval_s",
 }
-AGENT_KEYS = frozenset({"command", "env", "cwd"}) | LIMIT_KEYS
+AGENT_KEYS = frozenset({"command", "env", "cwd"}) | LIMIT_KEYS | SCHEDULING_KEYS
 
 
 def parse_config(data: Mapping[str, Any]) -> Config:
@@ -174,6 +185,7 @@ def parse_config(data: Mapping[str, Any]) -> Config:
     metrics = parse_metrics(table_of(data, "metrics"))
     alerts = parse_alerts(table_of(data, "alerts"))
     cgroup = CgroupSettings.from_table(table_of(data, "cgroup"))
+    host = HostSettings.from_table(table_of(data, "host"))
     return Config(
         limits=limits,
         daemon=daemon,
@@ -181,6 +193,7 @@ def parse_config(data: Mapping[str, Any]) -> Config:
         metrics=metrics,
         alerts=alerts,
         cgroup=cgroup,
+        host=host,
     )
 
 
@@ -247,7 +260,10 @@ def _parse_agent(name: str, section: Any) -> AgentType:
     limits = {k: v for k, v in section.items() if k in LIMIT_KEYS}
     # Validate the type's own values now, so a bad section fails at start, not at launch.
     _apply_limits(Limits(), limits, f"agents.{name}")
-    return AgentType(name=name, command=command, env=dict(env), cwd=cwd, limits=limits)
+    scheduling = apply_scheduling(Scheduling(), section, f"agents.{name}")
+    return AgentType(
+        name=name, command=command, env=dict(env), cwd=cwd, limits=limits, scheduling=scheduling
+    )
 
 
 def _apply_limits(base: Limits, values: Mapping[str, Any], where: str) -> Limits:

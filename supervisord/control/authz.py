@@ -13,9 +13,10 @@ import os
 from dataclasses import dataclass
 
 from supervisord.core.limits import Limits
+from supervisord.core.scheduling import Scheduling
 
 USER_COMMANDS = frozenset(
-    {"hello", "ping", "status", "stats", "subscribe", "launch", "stop", "kill"}
+    {"hello", "ping", "status", "stats", "subscribe", "launch", "stop", "kill", "queue", "cancel"}
 )
 THRESHOLDS = ("warning_mb", "critical_mb", "max_mb")
 
@@ -106,6 +107,31 @@ def weakened(in_force: Limits, requested: Limits) -> list[tuple[str, str]]:
     return found
 
 
+def pushed_ahead(
+    in_force: Scheduling, requested: Scheduling, derived_request_mb: float
+) -> list[tuple[str, str]]:
+    """What a launch would take from everyone else's agents: a higher priority (admitted
+    first, shed last) or a smaller request than its type is taken to need (admitted into
+    room the others are counting on)."""
+    found: list[tuple[str, str]] = []
+    if requested.priority > in_force.priority:
+        found.append(
+            (
+                "priority",
+                f"raise priority above {in_force.priority} in force (asked {requested.priority})",
+            )
+        )
+    if requested.request_mb is not None and requested.request_mb < derived_request_mb:
+        found.append(
+            (
+                "request_mb",
+                f"lower request_mb below {derived_request_mb:g} MB in force "
+                f"(asked {requested.request_mb:g} MB)",
+            )
+        )
+    return found
+
+
 def launch_denial(
     uid: int,
     agent_type: str,
@@ -113,14 +139,19 @@ def launch_denial(
     requested: Limits,
     *,
     force: bool,
+    scheduling: tuple[Scheduling, Scheduling, float] | None = None,
     daemon_uid: int | None = None,
 ) -> Denial | None:
-    """Why a launch may not go ahead as asked: looser limits than in force, or ``force``."""
+    """Why a launch may not go ahead as asked: looser limits than in force, a place in the
+    budget taken from others (``scheduling``: in force, asked, derived request), or
+    ``force``."""
     if is_admin(uid, daemon_uid):
         return None
     found = weakened(in_force, requested)
+    if scheduling is not None:
+        found += pushed_ahead(*scheduling)
     if force:
-        found.append(("force", "force a launch past the available-memory check"))
+        found.append(("force", "force a launch past the host's memory budget"))
     if not found:
         return None
     clauses = "; nor ".join(what for _, what in found)

@@ -17,8 +17,10 @@ from supervisord.control.protocol import PROTOCOL_VERSION, Request
 from supervisord.core.errors import PermissionDenied, UsageError
 from supervisord.core.kinds import EndReason
 from supervisord.core.limits import LIMIT_KEYS
+from supervisord.core.scheduling import SCHEDULING_KEYS
 from supervisord.host.launcher import Credentials
 from supervisord.host.sysmem import system_memory
+from supervisord.supervise.admission import Waiting
 from supervisord.supervise.agent import Agent
 from supervisord.supervise.launchplan import LaunchRequest
 from supervisord.supervise.supervisor import Supervisor
@@ -70,6 +72,10 @@ class Commands:
                 self._owned(args["subprocess_id"], peer, "kill", "end")
                 ended = await self.supervisor.stop(args["subprocess_id"], 0.0, EndReason.STOPPED)
                 return ended.record()
+            case "queue":
+                return self.queue(peer)
+            case "cancel":
+                return self.cancel(args["subprocess_id"], peer)
             case "reload":
                 return self.daemon.reload(args.get("env"))
             case "shutdown":
@@ -113,6 +119,7 @@ class Commands:
             "cgroups": self.supervisor.cgroup_status,
             "sampling": self.supervisor.sampling(),
             "system_memory": system_memory().as_dict(),
+            "host": self.supervisor.host_status(),
             "agent_count": len(visible),
             # Compact rows: status stays fast with hundreds of agents; stats has the detail.
             "agents": [a.row(now) for a in visible],
@@ -127,9 +134,12 @@ class Commands:
             )
         if "timeout_s" in args:
             limits["timeout_s"] = args["timeout_s"]
+        scheduling = {k: args[k] for k in SCHEDULING_KEYS if k in args}
         if not args.get("command") and args.get("task") is None:
             raise UsageError('launch: give either "command" (a list) or "task" (a string)')
-        self._check_limits(args["agent_type"], limits, bool(args.get("force", False)), peer)
+        self._check_limits(
+            args["agent_type"], limits, scheduling, bool(args.get("force", False)), peer
+        )
         request = LaunchRequest(
             agent_type=args["agent_type"],
             command=tuple(args["command"]) if args.get("command") else None,
@@ -140,27 +150,75 @@ class Commands:
             force=bool(args.get("force", False)),
             user=credentials_for(peer),
             owner_uid=peer.uid,
+            scheduling=scheduling,
+            queue=not args.get("no_queue", False),
         )
-        agent = await self.supervisor.launch(request)
+        started = await self.supervisor.launch(request)
+        if isinstance(started, Waiting):
+            return {
+                "subprocess_id": started.subprocess_id,
+                "queued": True,
+                "pid": None,
+                "agent_type": started.request.agent_type,
+                "command": list(started.command),
+                "log": str(self.supervisor.home.agent_log(started.subprocess_id)),
+                **started.row(self.supervisor.admission.position(started.subprocess_id)),
+            }
+        agent = started
         return {
+            "queued": False,
             "subprocess_id": agent.id,
             "pid": agent.child.pid,
             "agent_type": agent.agent_type,
             "command": list(agent.command),
             "limits": agent.limits.as_dict(),
             "log": str(self.supervisor.home.agent_log(agent.id)),
+            "request_mb": agent.request_mb,
+            "priority": agent.scheduling.priority,
         }
 
+    def queue(self, peer: Peer) -> dict[str, Any]:
+        admission = self.supervisor.admission
+        return {
+            "queue": admission.rows(authz.owner_filter(peer.uid)),
+            "length": len(admission),
+            "max_queued": admission.max_queued,
+            "host": self.supervisor.host_status(),
+        }
+
+    def cancel(self, subprocess_id: str, peer: Peer) -> dict[str, Any]:
+        waiting = self.supervisor.admission.get(subprocess_id)
+        owner = waiting.request.owner_uid
+        if denial := authz.owner_denial(peer.uid, subprocess_id, owner, "cancel"):
+            _deny(peer, "cancel", denial)
+        reason = f"cancelled by uid {peer.uid}"
+        return self.supervisor.cancel(subprocess_id, reason).row(0) | {"reason": reason}
+
     def _check_limits(
-        self, agent_type: str, limits: Mapping[str, Any], force: bool, peer: Peer
+        self,
+        agent_type: str,
+        limits: Mapping[str, Any],
+        scheduling: Mapping[str, Any],
+        force: bool,
+        peer: Peer,
     ) -> None:
         """Users may only tighten: their agents share the machine with everyone else's."""
+        config = self.supervisor.config
+        requested = config.limits_for(agent_type, limits)
+        asked = config.scheduling_for(agent_type, scheduling)  # validates, for admins too
         if authz.is_admin(peer.uid):
             return
-        config = self.supervisor.config
         in_force = config.limits_for(agent_type)
-        requested = config.limits_for(agent_type, limits)
-        if denial := authz.launch_denial(peer.uid, agent_type, in_force, requested, force=force):
+        default = config.scheduling_for(agent_type)
+        derived = self.supervisor.admission.request_mb(agent_type, default, in_force)
+        if denial := authz.launch_denial(
+            peer.uid,
+            agent_type,
+            in_force,
+            requested,
+            force=force,
+            scheduling=(default, asked, derived),
+        ):
             _deny(peer, "launch", denial)
 
 

@@ -84,7 +84,13 @@ COMMANDS: dict[str, Spec] = {
         "limits": (("object",), False),
         "timeout_s": (("number", "null"), False),
         "force": (("boolean",), False),
+        "request_mb": (("number",), False),
+        "priority": (("integer",), False),
+        "on_pressure": (("string",), False),
+        "no_queue": (("boolean",), False),
     },
+    "queue": {},
+    "cancel": {"subprocess_id": (("string",), True)},
     "stop": {"subprocess_id": (("string",), True), "grace_s": (("number",), False)},
     "kill": {"subprocess_id": (("string",), True)},
     "subscribe": {"levels": (("list of strings",), False), "types": (("list of strings",), False)},
@@ -157,6 +163,8 @@ def _is_kind(value: Any, kind: str) -> bool:
                 and not isinstance(value, bool)
                 and math.isfinite(value)
             )
+        case "integer":
+            return isinstance(value, int) and not isinstance(value, bool)
         case "object":
             return isinstance(value, dict)
         case "list of strings":

@@ -29,6 +29,7 @@ class ErrorCode(enum.StrEnum):
     PROTOCOL_ERROR = "protocol_error"
     CGROUP_ERROR = "cgroup_error"
     CGROUP_UNAVAILABLE = "cgroup_unavailable"
+    QUEUE_FULL = "queue_full"
 
 
 class SupervisordError(Exception):
@@ -62,9 +63,16 @@ class LaunchError(SupervisordError):
 
 
 class LaunchRefused(SupervisordError):
-    """The system has too little available memory for the agent's warning threshold."""
+    """The launch does not fit the host's memory budget now (``no_queue``) or ever (its
+    ``request_mb`` is over the budget)."""
 
     code = ErrorCode.LAUNCH_REFUSED
+
+
+class QueueFull(SupervisordError):
+    """The admission queue holds ``[host] max_queued`` launches already."""
+
+    code = ErrorCode.QUEUE_FULL
 
 
 class PermissionDenied(SupervisordError):

@@ -72,6 +72,8 @@ class AlertEvent:
     at: datetime = field(default_factory=_now)
     # Whose subscriptions see it, as on LaunchEvent; not in the record either.
     owner_uid: int | None = None
+    # The host's figures behind a host_pressure alert (budget, usage, available, PSI).
+    host: Mapping[str, Any] | None = None
 
     @property
     def level(self) -> Level:
@@ -96,6 +98,8 @@ class AlertEvent:
             record.update(self.projection.as_dict())
         if self.crossed_to_term_s is not None:
             record["crossed_to_term_s"] = self.crossed_to_term_s
+        if self.host is not None:
+            record["host"] = dict(self.host)
         return record
 
     def as_dict(self) -> dict[str, Any]:
@@ -173,4 +177,33 @@ class ExitEvent:
         return event
 
 
-Event = LaunchEvent | AlertEvent | ExitEvent
+@dataclass(frozen=True, slots=True)
+class QueueEvent:
+    """A launch entered the admission queue, left it to start, or was taken out of it."""
+
+    type: EventType  # QUEUED, ADMITTED or CANCELLED
+    subprocess_id: str
+    agent_type: str
+    request_mb: float
+    priority: int
+    reason: str
+    position: int | None = None  # in the queue (queued)
+    pid: int | None = None  # of the started agent (admitted)
+    at: datetime = field(default_factory=_now)
+    owner_uid: int | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "type": self.type.value,
+            "subprocess_id": self.subprocess_id,
+            "agent_type": self.agent_type,
+            "request_mb": self.request_mb,
+            "priority": self.priority,
+            "position": self.position,
+            "pid": self.pid,
+            "reason": self.reason,
+            **timestamps(self.at),
+        }
+
+
+Event = LaunchEvent | AlertEvent | ExitEvent | QueueEvent

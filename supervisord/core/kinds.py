@@ -23,11 +23,13 @@ class EndReason(enum.StrEnum):
     DAEMON_SHUTDOWN = "daemon_shutdown"
     LOST = "lost"
     OOM_KILLED = "oom_killed"
+    # Shed to keep the host within its memory budget (lowest priority first).
+    HOST_PRESSURE = "host_pressure"
 
     @property
     def aborted(self) -> bool:
-        """True when the daemon ended the agent for memory or time."""
-        return self in (EndReason.MEMORY_LIMIT, EndReason.TIMEOUT, EndReason.OOM_KILLED)
+        """True when the daemon ended the agent for memory, time or host pressure."""
+        return self in _ABORTS
 
 
 class EventType(enum.StrEnum):
@@ -36,6 +38,11 @@ class EventType(enum.StrEnum):
     LAUNCH = "launch"
     ALERT = "alert"
     EXIT = "exit"
+    # The admission queue: a launch waits for room in the host's budget, gets it, or is
+    # taken out of the queue.
+    QUEUED = "queued"
+    ADMITTED = "admitted"
+    CANCELLED = "cancelled"
 
 
 class AlertKind(enum.StrEnum):
@@ -50,6 +57,7 @@ class AlertKind(enum.StrEnum):
     RECOVERED = "recovered"
     LIMIT_PREDICTED = "limit_predicted"
     OOM_KILL = "oom_kill"
+    HOST_PRESSURE = "host_pressure"
 
     @property
     def level(self) -> Level:
@@ -64,5 +72,9 @@ _CRITICAL_ALERTS = frozenset(
         AlertKind.SIGKILL_SENT,
         AlertKind.TIMEOUT,
         AlertKind.OOM_KILL,
+        AlertKind.HOST_PRESSURE,
     }
+)
+_ABORTS = frozenset(
+    {EndReason.MEMORY_LIMIT, EndReason.TIMEOUT, EndReason.OOM_KILLED, EndReason.HOST_PRESSURE}
 )

@@ -35,6 +35,11 @@ class AgentRecord:
     term_sent_wall: str | None = None
     grace_s: float | None = None
     kill_sent: bool = False
+    # Its share of the host's budget, and the launch itself (to queue it again when shed
+    # with on_pressure = "requeue").
+    scheduling: dict[str, Any] = field(default_factory=dict)
+    request_mb: float | None = None
+    launch: dict[str, Any] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -10,6 +10,7 @@ import json
 import os
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +23,20 @@ STATE_VERSION = 1
 log = structlog.get_logger("supervisord.host.statefile")
 
 
-def save(path: Path, daemon_pid: int, agents: list[dict[str, Any]]) -> None:
-    """Write the state (agents as ``as_dict`` made them); blocks: call it from a thread."""
-    document = {"version": STATE_VERSION, "daemon_pid": daemon_pid, "agents": agents}
+def save(
+    path: Path,
+    daemon_pid: int,
+    agents: list[dict[str, Any]],
+    queue: list[dict[str, Any]] | None = None,
+) -> None:
+    """Write the state (agents as ``as_dict`` made them, and the launches waiting in the
+    admission queue); blocks: call it from a thread."""
+    document = {
+        "version": STATE_VERSION,
+        "daemon_pid": daemon_pid,
+        "agents": agents,
+        "queue": queue or [],
+    }
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     # No fsync: the file must survive the daemon's crash, which the page cache does; after
     # the machine's crash there is no agent left to re-adopt anyway. The rename keeps it whole.
@@ -33,16 +45,25 @@ def save(path: Path, daemon_pid: int, agents: list[dict[str, Any]]) -> None:
     os.replace(tmp, path)
 
 
-def load(path: Path) -> tuple[list[AgentRecord], list[str]]:
-    """The records in ``path`` and a problem per entry that could not be read."""
+@dataclass(frozen=True, slots=True)
+class State:
+    """What ``load`` found: agents to re-adopt, queued launches, and a problem per entry
+    that could not be read."""
+
+    records: list[AgentRecord] = field(default_factory=list)
+    queue: list[dict[str, Any]] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+
+def load(path: Path) -> State:
     try:
         document = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        return [], []
+        return State()
     except (OSError, ValueError) as exc:
-        return [], [f"{path}: unreadable ({exc}); no agents re-adopted from it"]
+        return State(problems=[f"{path}: unreadable ({exc}); no agents re-adopted from it"])
     if not isinstance(document, dict) or document.get("version") != STATE_VERSION:
-        return [], [f"{path}: not a version {STATE_VERSION} state file; ignored"]
+        return State(problems=[f"{path}: not a version {STATE_VERSION} state file; ignored"])
     records: list[AgentRecord] = []
     problems: list[str] = []
     for n, entry in enumerate(document.get("agents", [])):
@@ -50,7 +71,11 @@ def load(path: Path) -> tuple[list[AgentRecord], list[str]]:
             records.append(AgentRecord(**entry))
         except TypeError as exc:
             problems.append(f"{path}: agent entry {n} is malformed ({exc}); skipped")
-    return records, problems
+    queue = document.get("queue", [])
+    if not isinstance(queue, list) or not all(isinstance(e, dict) for e in queue):
+        problems.append(f"{path}: the queue is malformed; no queued launch restored")
+        queue = []
+    return State(records, queue, problems)
 
 
 Entries = Callable[[], list[tuple[bool, dict[str, Any]]]]
@@ -69,11 +94,14 @@ class StateWriter:
         path: Path,
         entries: Entries,
         *,
+        queue: Callable[[], list[dict[str, Any]]] = list,
         clock: Callable[[], float] = time.monotonic,
         interval_s: float = 1.0,
     ) -> None:
         self.path = path
         self._entries = entries
+        self._queue = queue
+        self._last_queue: list[dict[str, Any]] = []
         self._clock = clock
         self._interval_s = interval_s
         self._wake = anyio.Event()
@@ -116,12 +144,15 @@ class StateWriter:
 
     async def write(self, *, force: bool = True) -> None:
         entries = self._entries()
-        changed = any(c for c, _ in entries) or len(entries) != self._count
+        queue = self._queue()
+        changed = (
+            any(c for c, _ in entries) or len(entries) != self._count or queue != self._last_queue
+        )
         if not (force or changed):
             return
-        self._count = len(entries)
+        self._count, self._last_queue = len(entries), queue
         agents = [entry for _, entry in entries]
         try:
-            await anyio.to_thread.run_sync(save, self.path, os.getpid(), agents)
+            await anyio.to_thread.run_sync(save, self.path, os.getpid(), agents, queue)
         except OSError as exc:
             log.error("state_save_failed", path=str(self.path), error=str(exc))

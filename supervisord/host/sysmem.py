@@ -8,6 +8,7 @@ from typing import Any
 import psutil
 
 from supervisord.core.units import to_mb
+from supervisord.host.cgroup.detect import enclosing_limit_bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,3 +32,11 @@ def system_memory() -> SystemMemory:
         percent=round(vm.percent, 1),
         free_mb=to_mb(vm.free),
     )
+
+
+def shared_total_mb() -> float:
+    """What agents could share at most: MemTotal, or the daemon's enclosing cgroup limit
+    where that is smaller (a container, a systemd slice with MemoryMax)."""
+    total = to_mb(psutil.virtual_memory().total)
+    limit = enclosing_limit_bytes()
+    return total if limit is None else min(total, to_mb(limit))

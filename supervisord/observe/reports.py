@@ -7,7 +7,6 @@ skipped. A damaged log never raises: a line that is not a usable record is named
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections import Counter
 from collections.abc import Sequence
 from datetime import datetime, timedelta
@@ -15,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from supervisord.core.errors import UsageError
+from supervisord.core.history import percentile
 from supervisord.host.sysmem import SystemMemory, system_memory
 from supervisord.observe.logread import (
     ALERT_FIELDS,
@@ -36,21 +36,6 @@ class ReportResult:
     text: str
     data: dict[str, Any]
     problems: tuple[str, ...]
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    """numpy.percentile(values, q) with numpy's default ("linear") method, bit for bit."""
-    if not values:
-        raise ValueError("percentile of no values")
-    if not 0 <= q <= 100:
-        raise ValueError(f"percentile must be within 0..100, not {q}")
-    ordered = sorted(values)
-    virtual = (len(ordered) - 1) * (q / 100)
-    lo = math.floor(virtual)
-    a, b = ordered[lo], ordered[min(lo + 1, len(ordered) - 1)]
-    t = virtual - lo
-    # numpy's _lerp interpolates from the nearer end, which differs in the last bit.
-    return b - (b - a) * (1 - t) if t >= 0.5 else a + (b - a) * t
 
 
 def _mb(value: float | None) -> str:

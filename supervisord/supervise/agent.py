@@ -10,6 +10,7 @@ from typing import Any
 import anyio
 
 from supervisord.core import cadence, policy
+from supervisord.core.budget import Budget, Claim, Pressure
 from supervisord.core.clock import timestamps
 from supervisord.core.events import AlertEvent, ExitEvent, LaunchEvent, MemoryStats, Projection
 from supervisord.core.identity import Identity
@@ -17,6 +18,7 @@ from supervisord.core.kinds import AlertKind, EndReason, Level
 from supervisord.core.limits import Limits
 from supervisord.core.policy import Action, Alert
 from supervisord.core.records import AgentRecord
+from supervisord.core.scheduling import Scheduling
 from supervisord.core.tracker import Tracking
 from supervisord.host.cgroup.base import AgentCgroup
 from supervisord.host.launcher import UNKNOWN_EXIT, Child, ExitStatus
@@ -43,6 +45,11 @@ class Agent:
     signalled_at: float | None = None  # when the first SIGTERM (or SIGKILL) went out
     cgroup: AgentCgroup | None = None
     cgroup_scope: anyio.CancelScope | None = None
+    scheduling: Scheduling = field(default_factory=Scheduling)
+    # What it is taken to need of the host's budget (scheduling.request_mb, or derived).
+    request_mb: float = 0.0
+    # The launch that started it, for a requeue (None: re-adopted without one).
+    request: LaunchRequest | None = None
     _entry_key: tuple[Any, ...] | None = None
     _entry: dict[str, Any] | None = None
 
@@ -56,6 +63,9 @@ class Agent:
         limits: Limits,
         cgroup: AgentCgroup | None,
         now: float,
+        *,
+        scheduling: Scheduling,
+        request_mb: float,
     ) -> Agent:
         """An agent just spawned for ``request``."""
         return cls(
@@ -70,6 +80,22 @@ class Agent:
             owner_uid=request.owner_uid,
             members=((child.pid, child.start),),
             cgroup=cgroup,
+            scheduling=scheduling,
+            request_mb=request_mb,
+            request=request,
+        )
+
+    def claim(self, now: float) -> Claim:
+        """Its hold on the host's budget."""
+        growth = self.tracking.growth
+        return Claim(
+            subprocess_id=self.id,
+            used_mb=self.state.current_mb,
+            request_mb=self.request_mb,
+            priority=self.scheduling.priority,
+            growth_mb_s=None if growth is None else growth.rate_mb_s,
+            age_s=now - self.state.started_at,
+            ending=self.state.ending is not None,
         )
 
     def launch_event(self, now: float) -> LaunchEvent:
@@ -102,6 +128,9 @@ class Agent:
             "ending": None if self.state.ending is None else self.state.ending.value,
             "limits": self.limits.as_dict(),
             "owner_uid": self.owner_uid,
+            "request_mb": self.request_mb,
+            "priority": self.scheduling.priority,
+            "on_pressure": self.scheduling.on_pressure,
             **self.projection().as_dict(),
         }
 
@@ -131,6 +160,36 @@ class Agent:
             "duration_seconds": round(now - self.state.started_at, 1),
             "max_mb": self.limits.max_mb,
         }
+
+    def requeues(self, reason: EndReason) -> bool:
+        """Whether it waits in the queue again after ending for ``reason``."""
+        return (
+            reason is EndReason.HOST_PRESSURE
+            and self.scheduling.on_pressure == "requeue"
+            and self.request is not None
+        )
+
+    def pressure_alert(
+        self, pressure: Pressure, budget: Budget, system_memory: Mapping[str, float]
+    ) -> AlertEvent:
+        """The host_pressure alert of its being shed, with the host's figures."""
+        return AlertEvent(
+            kind=AlertKind.HOST_PRESSURE,
+            subprocess_id=self.id,
+            agent_type=self.agent_type,
+            pid=self.child.pid,
+            current_mb=self.state.current_mb,
+            threshold_mb=budget.budget_mb,
+            message=(
+                f"{pressure.message}: stopping {self.id} (priority "
+                f"{self.scheduling.priority}, {self.state.current_mb:.1f} MB)"
+            ),
+            system_memory=system_memory,
+            reason=EndReason.HOST_PRESSURE,
+            projection=self.projection(),
+            owner_uid=self.owner_uid,
+            host=pressure.figures(budget),
+        )
 
     def alert_event(self, alert: Alert, system_memory: Mapping[str, float]) -> AlertEvent:
         """The alerts-log record of one of the policy's alerts, with the figures that make it
@@ -226,6 +285,9 @@ class Agent:
             term_sent_wall=self._wall(self.state.term_sent_at),
             grace_s=self.state.grace_s if self.state.ending is not None else None,
             kill_sent=self.state.kill_sent,
+            scheduling=self.scheduling.as_dict(),
+            request_mb=self.request_mb,
+            launch=None if self.request is None else self.request.as_dict(),
         )
 
     def _wall(self, at: float | None) -> str | None:
@@ -277,5 +339,8 @@ class Agent:
             owner_uid=record.owner_uid,
             members=tuple((pid, start) for pid, start in record.members),
             tracking=Tracking(start_mb=record.start_mb, end_mb=record.end_mb),
+            scheduling=Scheduling(**record.scheduling),
+            request_mb=record.request_mb if record.request_mb is not None else limits.warning_mb,
+            request=None if record.launch is None else LaunchRequest.from_dict(record.launch),
         )
         return agent, actions

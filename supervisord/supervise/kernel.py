@@ -46,6 +46,20 @@ class KernelWatch:
         scope = agent.cgroup_scope = anyio.CancelScope()
         tg.start_soon(self._watch, agent, agent.cgroup, scope)
 
+    async def watch_total(
+        self, budget_mb: float, at_threshold: Callable[[], None], at_ceiling: Callable[[], None]
+    ) -> None:
+        """Until cancelled: the daemon's group (every agent) at the budget and its ceiling."""
+        group = await anyio.to_thread.run_sync(self.backstop.limit_total, budget_mb)
+        if group is None:
+            return
+        try:
+            await self.backstop.watch(group, budget_mb, at_threshold, lambda _mb: at_ceiling())
+        except* (CgroupError, OSError) as errors:
+            log.warning("cgroup_budget_watch_failed", errors=[str(e) for e in errors.exceptions])
+        finally:
+            group.close()
+
     async def _watch(self, agent: Agent, cgroup: AgentCgroup, scope: anyio.CancelScope) -> None:
         def at_threshold() -> None:
             agent.next_due = self._clock()  # look now, not at the next tick
@@ -60,7 +74,8 @@ class KernelWatch:
 
         with scope:
             try:
-                await self.backstop.watch(cgroup, agent.limits, at_threshold, at_ceiling)
+                threshold = agent.limits.max_mb if agent.limits.enabled else None
+                await self.backstop.watch(cgroup, threshold, at_threshold, at_ceiling)
             except* (CgroupError, OSError) as group:
                 # The group went away under us (an agent that ended at once, its group
                 # already removed): one agent's watcher, never the daemon. Polling carries on.

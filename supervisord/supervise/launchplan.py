@@ -17,7 +17,6 @@ from supervisord.config.settings import Config
 from supervisord.core.errors import LaunchError
 from supervisord.core.events import AlertEvent
 from supervisord.core.kinds import AlertKind, EndReason
-from supervisord.core.limits import Limits
 from supervisord.host.cgroup.base import AgentCgroup
 from supervisord.host.launcher import Credentials, LaunchSpec
 
@@ -36,6 +35,46 @@ class LaunchRequest:
     force: bool = False
     user: Credentials | None = None
     owner_uid: int | None = None
+    # request_mb, priority, on_pressure of this launch (over its type's).
+    scheduling: Mapping[str, Any] = field(default_factory=dict)
+    # False: refuse rather than wait when it does not fit the budget now.
+    queue: bool = True
+
+    def as_dict(self) -> dict[str, Any]:
+        """For run/state.json: a queued launch survives a daemon restart."""
+        return {
+            "agent_type": self.agent_type,
+            "command": None if self.command is None else list(self.command),
+            "task": self.task,
+            "cwd": self.cwd,
+            "env": dict(self.env),
+            "limits": dict(self.limits),
+            "force": self.force,
+            "user": None
+            if self.user is None
+            else [self.user.uid, self.user.gid, *self.user.groups],
+            "owner_uid": self.owner_uid,
+            "scheduling": dict(self.scheduling),
+            "queue": self.queue,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> LaunchRequest:
+        user = data.get("user")
+        command = data.get("command")
+        return cls(
+            agent_type=data["agent_type"],
+            command=None if command is None else tuple(command),
+            task=data.get("task"),
+            cwd=data.get("cwd"),
+            env=dict(data.get("env") or {}),
+            limits=dict(data.get("limits") or {}),
+            force=bool(data.get("force", False)),
+            user=None if not user else Credentials(user[0], user[1], tuple(user[2:])),
+            owner_uid=data.get("owner_uid"),
+            scheduling=dict(data.get("scheduling") or {}),
+            queue=bool(data.get("queue", True)),
+        )
 
 
 def resolve_command(config: Config, request: LaunchRequest, config_file: Path) -> tuple[str, ...]:
@@ -61,10 +100,10 @@ def resolve_command(config: Config, request: LaunchRequest, config_file: Path) -
 
 @dataclass(frozen=True, slots=True)
 class Refusal:
-    """A launch that must not go ahead (the guide's "can create subprocess" check)."""
+    """A launch that must not go ahead: it does not fit the host's budget (now, or ever)."""
 
     agent_type: str
-    warning_mb: float
+    request_mb: float
     message: str
     owner_uid: int | None = None
 
@@ -75,23 +114,12 @@ class Refusal:
             agent_type=self.agent_type,
             pid=None,
             current_mb=0.0,
-            threshold_mb=self.warning_mb,
+            threshold_mb=self.request_mb,
             message=self.message,
             system_memory=system_memory,
             reason=EndReason.STOPPED,
             owner_uid=self.owner_uid,
         )
-
-
-def refusal(request: LaunchRequest, limits: Limits, available_mb: float) -> Refusal | None:
-    """Why the launch must not go ahead, if so: less memory available than its warning_mb."""
-    if request.force or available_mb >= limits.warning_mb:
-        return None
-    message = (
-        f"launch of {request.agent_type} refused: {available_mb:.1f} MB available is below "
-        f"its warning_mb {limits.warning_mb:g} MB (free memory, lower warning_mb, or force)"
-    )
-    return Refusal(request.agent_type, limits.warning_mb, message, request.owner_uid)
 
 
 def spec_for(

@@ -1,126 +1,122 @@
-"""The supervisor owns the agents: it samples, feeds the policy and carries out its actions.
+"""The supervisor: the engine's loop, plus what clients ask of it and the host's budget.
 
-Nothing else mutates agent state. One sampling loop serves every agent: it scans /proc in a
-worker thread, steps each agent's policy and sleeps until the next interval or the next
-deadline (a grace period or timeout running out), or until something wakes it early.
-Persistence (``StateWriter``), signals (``enforcer``), records (``core.events``) and reaping
-(``reaper``) live at the edges; this module decides when each is called.
+Launches are admitted into the budget, queued, or refused; commands stop, cancel and list;
+after every sample the host is checked for pressure and one agent shed if it must be.
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Mapping
 from contextlib import suppress
-from typing import Any, Protocol
+from typing import Any, NoReturn
 
 import anyio
 import anyio.lowlevel
 import structlog
-from anyio.abc import TaskGroup, TaskStatus
+from anyio.abc import TaskGroup
 
 from supervisord.config.home import Home
 from supervisord.config.settings import Config
-from supervisord.core import policy, tracker
-from supervisord.core.errors import CgroupError, LaunchError, LaunchRefused, NotFoundError
-from supervisord.core.events import AlertEvent, Event, ExitEvent
-from supervisord.core.kinds import EndReason
-from supervisord.core.policy import Action, Alert, Signal
+from supervisord.core import budget as budgeting
+from supervisord.core import policy
+from supervisord.core.budget import Budget, Claim, Usage
+from supervisord.core.errors import (
+    CgroupError,
+    LaunchError,
+    LaunchRefused,
+    NotFoundError,
+    SupervisordError,
+)
+from supervisord.core.events import ExitEvent
+from supervisord.core.history import PeakHistory
+from supervisord.core.kinds import EndReason, EventType
 from supervisord.core.records import AgentRecord
-from supervisord.core.units import MIB
-from supervisord.host import enforcer, launcher, reaper
+from supervisord.host import launcher
 from supervisord.host.agentlog import OutputPlace
-from supervisord.host.cgroup.backstop import Backstop
-from supervisord.host.cgroup.base import AgentCgroup
-from supervisord.host.sampler import Root, Sampler, TreeSample
-from supervisord.host.statefile import StateWriter
-from supervisord.host.sysmem import system_memory
+from supervisord.host.sysmem import shared_total_mb, system_memory
 from supervisord.supervise import launchplan, recovery
+from supervisord.supervise.admission import Admission, Waiting, host_budget, queue_event
 from supervisord.supervise.agent import Agent
-from supervisord.supervise.bus import Broadcaster
-from supervisord.supervise.kernel import KernelWatch
+from supervisord.supervise.engine import Engine, RecordSink
 from supervisord.supervise.launchplan import LaunchRequest
-from supervisord.supervise.schedule import Schedule
+from supervisord.supervise.pressure import HostGuard, Shed
 
 log = structlog.get_logger("supervisord.supervise.supervisor")
-SIGNAL_RECHECK_S = 0.1
-DISCOVERY_INTERVAL_S = 30.0
-APPLY_BATCH = 50
 
 
-class RecordSink(Protocol):
-    """Where alert and stats records are written (the event log)."""
-
-    def alert(self, event: AlertEvent) -> None: ...
-
-    def exit(self, event: ExitEvent) -> None: ...
-
-
-class Supervisor:
+class Supervisor(Engine):
     def __init__(
         self,
         config: Config,
         home: Home,
         records: RecordSink,
         *,
-        clock: Callable[[], float] = time.monotonic,
-        reap_orphans: bool = False,
-        on_tick: Callable[[int], None] | None = None,
-        tick_at_least_every_s: float | None = None,
-        backstop: Backstop | None = None,
+        budget: Budget | None = None,
+        history: PeakHistory | None = None,
+        **engine: Any,
     ) -> None:
-        self.config = config
-        # The watchdog hears from the loop itself, so an idle loop must still turn this often.
-        self.tick_at_least_every_s = tick_at_least_every_s
-        self.backstop = backstop
-        self.cgroup_status: dict[str, Any] = {"in_force": "off", "reason": "not detected"}
-        self.home = home
-        self.records = records
-        self.bus: Broadcaster[Event] = Broadcaster()
-        self.clock = clock
-        self.reap_orphans = reap_orphans
-        self.on_tick = on_tick
-        self.agents: dict[str, Agent] = {}
-        self.state_writer = StateWriter(home.state_file, self._state_entries, clock=clock)
-        self._kernel = (
-            None
-            if backstop is None
-            else KernelWatch(backstop, clock, self._wake_up, self._carry_out)
+        super().__init__(config, home, records, **engine)
+        self.admission = Admission(
+            budget or host_budget(config.host, shared_total_mb()),
+            config.host.max_queued,
+            history or PeakHistory(),
         )
-        self._sampler = Sampler()
-        self._limiter = anyio.CapacityLimiter(1)
-        self._wake = anyio.Event()
-        self._tg: TaskGroup | None = None
-        self.schedule = Schedule(epoch=clock())
-        self.last_sample_s = 0.0
-        self.fast_samples = 0
-        self.full_scans = 0
-        self.loop_turns = 0
-
-    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        async with anyio.create_task_group() as tg:
-            self._tg = tg
-            tg.start_soon(self._sample_loop)
-            tg.start_soon(self.state_writer.run)
-            if self.reap_orphans:
-                tg.start_soon(reaper.reap_on_sigchld, self._agent_pids)
-            task_status.started()
+        self.guard = HostGuard()
+        self._total_watch: anyio.CancelScope | None = None
+        self._pressure_due = False
 
     # -- commands ---------------------------------------------------------------------------
 
-    async def launch(self, request: LaunchRequest) -> Agent:
+    async def launch(self, request: LaunchRequest) -> Agent | Waiting:
+        """Start an agent now if it fits the host's budget; else queue it (or refuse it,
+        when it may not wait or could never fit). ``force`` starts it regardless."""
         assert self._tg is not None, "Supervisor.run() must be started first"
+        waiting = self._plan(request)
+        if not request.force:
+            never = budgeting.never_fits(self.admission.budget, waiting.request_mb)
+            if never is not None:
+                self._refuse(waiting, f"launch of {request.agent_type} refused: {never}")
+            verdict = self.admission.check(waiting, self._claims(), system_memory().available_mb)
+            if not verdict.fits:
+                if not request.queue:
+                    refused = f"launch of {request.agent_type} refused (no queueing): it"
+                    self._refuse(waiting, f"{refused} {verdict.reason}")
+                return await self._enqueue(waiting, verdict.reason)
+        return await self._start(waiting)
+
+    def _plan(self, request: LaunchRequest) -> Waiting:
+        """Everything about a launch decided before it starts or waits."""
         limits = self.config.limits_for(request.agent_type, request.limits)
+        scheduling = self.config.scheduling_for(request.agent_type, request.scheduling)
         command = launchplan.resolve_command(self.config, request, self.home.config_file)
         subprocess_id = launcher.new_subprocess_id(request.agent_type)
-        memory = system_memory()
-        refused = launchplan.refusal(request, limits, memory.available_mb)
-        if refused is not None:
-            self._publish_alert(refused.alert(subprocess_id, memory.as_dict()))
-            raise LaunchRefused(refused.message)
+        request_mb = self.admission.request_mb(request.agent_type, scheduling, limits)
+        return self.admission.waiting(subprocess_id, request, command, scheduling, request_mb)
+
+    def _refuse(self, waiting: Waiting, message: str) -> NoReturn:
+        request = waiting.request
+        refusal = launchplan.Refusal(
+            request.agent_type, waiting.request_mb, message, request.owner_uid
+        )
+        self._publish_alert(refusal.alert(waiting.subprocess_id, system_memory().as_dict()))
+        raise LaunchRefused(message)
+
+    async def _enqueue(self, waiting: Waiting, reason: str) -> Waiting:
+        position = self.admission.enqueue(waiting, reason)
+        await self.state_writer.written()
+        log.info("launch_queued", subprocess_id=waiting.subprocess_id, position=position)
+        self.bus.publish(queue_event(EventType.QUEUED, waiting, reason, position=position))
+        self._wake.set()
+        return self.admission.get(waiting.subprocess_id)
+
+    async def _start(self, waiting: Waiting) -> Agent:
+        request, subprocess_id = waiting.request, waiting.subprocess_id
+        # The limits in force now: a queued launch gets a reload that came while it waited.
+        limits = self.config.limits_for(request.agent_type, request.limits)
         cgroup = None if self.backstop is None else self.backstop.create(subprocess_id, limits)
         log_path = self.home.agent_log(subprocess_id)
-        spec = launchplan.spec_for(self.config, request, subprocess_id, command, log_path, cgroup)
+        spec = launchplan.spec_for(
+            self.config, request, subprocess_id, waiting.command, log_path, cgroup
+        )
         try:
             child = launcher.spawn(spec, OutputPlace.of(self.home, self.config.daemon))
         except (LaunchError, CgroupError):
@@ -129,14 +125,39 @@ class Supervisor:
                 cgroup.remove()
             raise
         now = self.clock()
-        agent = Agent.launched(request, subprocess_id, command, child, limits, cgroup, now)
+        agent = Agent.launched(
+            request,
+            subprocess_id,
+            waiting.command,
+            child,
+            limits,
+            cgroup,
+            now,
+            scheduling=waiting.scheduling,
+            request_mb=waiting.request_mb,
+        )
         self._register(agent)
         await self.state_writer.written()
-        log.info(
-            "agent_launched", subprocess_id=subprocess_id, pid=child.pid, command=list(command)
-        )
+        log.info("agent_launched", subprocess_id=subprocess_id, pid=child.pid)
         self.bus.publish(agent.launch_event(now))
         return agent
+
+    def cancel(self, subprocess_id: str, reason: str = "cancelled") -> Waiting:
+        """Take a launch out of the queue."""
+        waiting = self.admission.cancel(subprocess_id)
+        self.state_writer.request(force=True)
+        log.info("launch_cancelled", subprocess_id=subprocess_id, reason=reason)
+        self.bus.publish(queue_event(EventType.CANCELLED, waiting, reason))
+        return waiting
+
+    def restore_queue(self, entries: list[dict[str, Any]]) -> None:
+        """Launches a previous daemon left waiting; they are admitted as they fit."""
+        restored, problems = self.admission.restore(entries)
+        for waiting in restored:
+            log.info("launch_restored", subprocess_id=waiting.subprocess_id)
+        for problem in problems:
+            log.error("state_unreadable", problem=problem)
+        self._wake.set()
 
     def adopt(self, records: list[AgentRecord]) -> None:
         """Carry on supervising agents a previous daemon left running (after a crash or a
@@ -218,207 +239,160 @@ class Supervisor:
                 self.backstop.apply(agent.cgroup, agent.limits)
                 self._watch_kernel(agent)
             agent.next_due = self.clock()  # held to the new limits at once, not at next tick
+        budget = host_budget(config.host, shared_total_mb())
+        if budget != self.admission.budget:
+            self.admission.budget = budget
+            self._watch_total()
+        self.admission.max_queued = config.host.max_queued
         self.config = config
         self._wake.set()
-
-    # -- bookkeeping ------------------------------------------------------------------------
-
-    def _register(self, agent: Agent) -> None:
-        assert self._tg is not None, "Supervisor.run() must be started first"
-        self.agents[agent.id] = agent
-        self._tg.start_soon(self._watch_exit, agent)
-        self._tg.start_soon(agent.child.output.drain)
-        self._watch_kernel(agent)
-        self.state_writer.request(force=True)
-        self._wake.set()
-
-    def _watch_kernel(self, agent: Agent) -> None:
-        if self._kernel is not None and self._tg is not None:
-            self._kernel.start(agent, self._tg)
-
-    def _wake_up(self) -> None:
-        self._wake.set()
-
-    def _retire_later(self, cgroup: AgentCgroup) -> None:
-        """Remove an agent's cgroup once the kernel lets go of it (off the event loop)."""
-        if self.backstop is not None and self._tg is not None:
-            self._tg.start_soon(self.backstop.retire, cgroup)
-
-    def _state_entries(self) -> list[tuple[bool, dict[str, Any]]]:
-        return [agent.state_entry() for agent in self.agents.values()]
-
-    def _agent_pids(self) -> set[int]:
-        return {a.child.pid for a in self.agents.values()}
-
-    # -- the loop ---------------------------------------------------------------------------
-
-    async def _sample_loop(self) -> None:
-        while True:
-            self._wake = anyio.Event()
-            self.loop_turns += 1
-            now = self.clock()
-            due = [a for a in self.agents.values() if self.schedule.due(a) <= now]
-            if self.schedule.full_scan_due(now, due, self.config, self._discovery_interval()):
-                await self.sample_once()
-            elif due:
-                await self._sample_fast(due)
-            self.state_writer.request()
-            if self.on_tick is not None:
-                # The watchdog hears from this loop itself: if it stalls, systemd notices.
-                self.on_tick(len(self.agents))
-            delay = self.schedule.delay(self.agents.values(), self.clock())
-            if self.tick_at_least_every_s is not None:
-                delay = min(delay, self.tick_at_least_every_s)
-            with anyio.move_on_after(delay):
-                await self._wake.wait()
-
-    def _discovery_interval(self) -> float:
-        """How often all of /proc is scanned. Agents in a memory cgroup need no scan to find
-        their members (the group lists them), only to reap orphans; others need one a tick."""
-        if self.backstop is not None and all(a.cgroup for a in self.agents.values()):
-            return max(DISCOVERY_INTERVAL_S, self.config.daemon.check_interval_s)
-        return self.config.daemon.check_interval_s
-
-    def request_full_scan(self) -> None:
-        """Rediscover every tree now (an agent's own process ended: orphans to find)."""
-        self.schedule.full_due = 0.0
-        self._wake.set()
-
-    async def sample_once(self) -> None:
-        """One /proc scan for every tree: discovery of new and reparented descendants."""
-        roots = {a.id: self._root(a) for a in self.agents.values()}
-        started = time.perf_counter()
-        result = await anyio.to_thread.run_sync(self._sampler.sample, roots, limiter=self._limiter)
-        self.last_sample_s = time.perf_counter() - started
-        self.full_scans += 1
-        await self._apply_all(result.trees)
-        if self.reap_orphans:
-            reaper.reap(result.orphan_zombies)
-
-    async def _sample_fast(self, agents: list[Agent]) -> None:
-        """Only the trees that need a look before the next full scan, from kept-open fds."""
-        roots = {a.id: self._root(a) for a in agents}
-        trees = await anyio.to_thread.run_sync(
-            self._sampler.sample_fast, roots, limiter=self._limiter
-        )
-        self.fast_samples += 1
-        await self._apply_all(trees)
-
-    async def _apply_all(self, trees: Mapping[str, TreeSample]) -> None:
-        now = self.clock()
-        for n, (agent_id, tree) in enumerate(trees.items(), 1):
-            agent = self.agents.get(agent_id)
-            if agent is not None:
-                self._apply_sample(agent, tree, now)
-            if n % APPLY_BATCH == 0:
-                # Hundreds of agents in one tick: let waiting clients in between batches.
-                await anyio.lowlevel.checkpoint()
-
-    def _root(self, agent: Agent) -> Root:
-        limits = agent.limits
-        return Root(
-            agent.child.pid, agent.child.start, limits.metric, 0.9 * limits.warning_mb, agent.cgroup
-        )
-
-    def _apply_sample(self, agent: Agent, tree: TreeSample, now: float) -> None:
-        step = tracker.apply_sample(
-            agent.state,
-            agent.tracking,
-            agent.limits,
-            now,
-            tree.mb if tree.members else None,
-            unchanged=tree.unchanged,
-            exited=agent.exit is not None,
-        )
-        agent.state, agent.tracking = step.state, step.tracking
-        if not step.skipped:
-            agent.members = tree.members
-        self._carry_out(agent, step.actions)
-        if agent.exit is not None and not tree.members:
-            self._finish(agent)
-            return
-        self.schedule.reschedule(agent, now, self.config)
-
-    async def _watch_exit(self, agent: Agent) -> None:
-        agent.exit = await launcher.wait_exit(agent.child)
-        log.info("agent_exited", subprocess_id=agent.id, status=agent.exit.describe())
-        # What the agent leaves behind is stopped too: an orphaned helper is still its tree.
-        agent.state, actions = policy.root_exited(
-            agent.state, self.clock(), agent.limits.term_grace_s
-        )
-        self._carry_out(agent, actions)
-        self.request_full_scan()
 
     async def _stop_quietly(self, subprocess_id: str, reason: EndReason) -> None:
         with suppress(NotFoundError):  # It may have ended on its own meanwhile.
             await self.stop(subprocess_id, reason=reason)
 
-    # -- actions ----------------------------------------------------------------------------
+    # -- the host's budget -------------------------------------------------------------------
 
-    def _carry_out(self, agent: Agent, actions: list[Action]) -> None:
-        # Signals first: the records can wait a millisecond, a tree at its limit cannot.
-        for action in actions:
-            if isinstance(action, Signal):
-                self._send(agent, action)
-        for action in actions:
-            if isinstance(action, Alert):
-                self._publish_alert(agent.alert_event(action, system_memory().as_dict()))
+    def _claims(self, now: float | None = None) -> list[Claim]:
+        at = self.clock() if now is None else now
+        return [agent.claim(at) for agent in self.agents.values()]
 
-    def _send(self, agent: Agent, action: Signal) -> None:
-        if agent.signalled_at is None:
-            agent.signalled_at = self.clock()
-        pid = agent.child.pid
-        sent = enforcer.signal_agent(
-            agent.child.pidfd, pid, agent.members, action.signal, agent.cgroup
-        )
-        # Look again soon: the tree may be gone, or may need SIGKILL for a new child.
-        agent.next_due = min(agent.next_due, self.clock() + SIGNAL_RECHECK_S)
-        if sent:
-            log.info(
-                "signal_sent",
-                subprocess_id=agent.id,
-                signal=action.signal.name,
-                reason=action.reason.value,
-                pids=sent,
+    async def _admit_waiting(self) -> None:
+        """Start queued launches while the head of the queue fits."""
+        while self.admission:
+            waiting = self.admission.next_ready(self._claims(), system_memory().available_mb)
+            if waiting is None:
+                return
+            try:
+                agent = await self._start(waiting)
+            except SupervisordError as exc:
+                self.state_writer.request(force=True)
+                self.bus.publish(queue_event(EventType.CANCELLED, waiting, f"cannot start: {exc}"))
+                continue
+            self.bus.publish(
+                queue_event(EventType.ADMITTED, waiting, "fits the budget", pid=agent.child.pid)
             )
 
-    def _publish_alert(self, event: AlertEvent) -> None:
-        self.records.alert(event)
-        log.warning(
-            "memory_alert",
-            subprocess_id=event.subprocess_id,
-            alert_event=event.kind.value,
-            message=event.message,
+    def _check_pressure(self) -> None:
+        if not self.agents:
+            return
+        used = sum(agent.state.current_mb for agent in self.agents.values())
+        shed = self.guard.check(
+            self.admission.budget,
+            used,
+            system_memory().available_mb,
+            self._claims,
+            self.agents.__contains__,
         )
-        self.bus.publish(event)
+        if shed is not None:
+            self._shed(shed)
 
-    def _finish(self, agent: Agent) -> None:
-        assert agent.exit is not None
-        now = self.clock()
-        peak_mb = None
-        if agent.cgroup is not None:
-            with suppress(OSError):
-                # The kernel's own high-water mark of the tree: every byte, never sampled.
-                peak = agent.cgroup.peak_bytes()
-                if peak is not None:
-                    peak_mb = round(peak / MIB, 1)
-        gone_s = None if agent.signalled_at is None else round(now - agent.signalled_at, 4)
-        agent.child.output.finish()  # its log is whole before its record says it ended
-        event = agent.exit_event(now, cgroup_peak_mb=peak_mb, term_to_gone_s=gone_s)
-        self.records.exit(event)
-        agent.final = event
-        del self.agents[agent.id]
-        self._sampler.forget(agent.id)
-        if agent.cgroup_scope is not None:
-            agent.cgroup_scope.cancel()
-        if agent.cgroup is not None:
-            self._retire_later(agent.cgroup)
-        self.state_writer.request(force=True)
-        log.info(
-            "agent_finished",
-            subprocess_id=agent.id,
-            reason=event.reason.value,
-            peak_mb=round(agent.state.peak_mb, 1),
+    def _shed(self, shed: Shed, grace_s: float | None = None) -> None:
+        """End the victim with the usual escalation (at once: ``grace_s`` 0), reason
+        host_pressure, after an alert with the host's figures."""
+        agent = self.agents[shed.victim.subprocess_id]
+        memory = system_memory().as_dict()
+        self._publish_alert(agent.pressure_alert(shed.pressure, self.admission.budget, memory))
+        grace = agent.limits.term_grace_s if grace_s is None else grace_s
+        agent.state, actions = policy.request_end(
+            agent.state, self.clock(), EndReason.HOST_PRESSURE, grace
         )
-        self.bus.publish(event)
-        agent.done.set()
+        self._carry_out(agent, actions)
+
+    async def _requeue(self, agent: Agent) -> None:
+        """A shed agent with on_pressure = "requeue" waits in the queue again, same id; its
+        group goes first, so the next run's group of the same name starts empty."""
+        assert agent.request is not None
+        if agent.cgroup is not None and self.backstop is not None:
+            await self.backstop.retire(agent.cgroup)
+        waiting = self.admission.waiting(
+            agent.id, agent.request, agent.command, agent.scheduling, agent.request_mb
+        )
+        try:
+            await self._enqueue(waiting, "requeued after being shed for host pressure")
+        except SupervisordError as exc:
+            log.warning("requeue_failed", subprocess_id=agent.id, error=str(exc))
+
+    def host_status(self) -> dict[str, Any]:
+        """The budget and its use, for ``status``, ``queue`` and ``top``."""
+        budget = self.admission.budget
+        usage = Usage.of(self._claims())
+        return {
+            **budget.as_dict(),
+            "used_mb": usage.used_mb,
+            "requested_mb": usage.requested_mb,
+            "held_mb": usage.held_mb,
+            "free_mb": round(max(budget.budget_mb - usage.held_mb, 0.0), 1),
+            "queue_length": len(self.admission),
+            "max_queued": self.admission.max_queued,
+            "shedding": self.guard.shedding,
+            "sheds": dict(self.guard.sheds),
+            "kernel_ceiling": self._total_watch is not None,
+        }
+
+    def _watch_total(self) -> None:
+        """(Re)start the kernel's watch of every agent together at the budget in force."""
+        if self._kernel is None or self._tg is None:
+            return
+        if self._total_watch is not None:
+            self._total_watch.cancel()
+        scope = self._total_watch = anyio.CancelScope()
+
+        async def watch() -> None:
+            assert self._kernel is not None
+            with scope:
+                budget_mb = self.admission.budget.budget_mb
+                await self._kernel.watch_total(budget_mb, self._pressure_now, self._at_ceiling)
+
+        self._tg.start_soon(watch)
+
+    def _pressure_now(self) -> None:
+        self._pressure_due = True
+        self._wake.set()
+
+    def _at_ceiling(self) -> None:
+        """Every agent together hit the kernel's ceiling (v1 pauses them there): the agent
+        the budget ranks last is killed at once, not the one the kernel would pick."""
+        order = budgeting.shed_order(self._claims())
+        if not order:
+            return
+        used = sum(agent.state.current_mb for agent in self.agents.values())
+        budget = self.admission.budget
+        found = budgeting.Pressure(
+            budgeting.Trigger.BUDGET,
+            f"every agent together reached the kernel's ceiling above the {budget.budget_mb:g}"
+            " MB budget",
+            used,
+            system_memory().available_mb,
+            None,
+        )
+        self.guard.shedding = order[0].subprocess_id
+        self.guard.sheds[found.trigger.value] += 1
+        self._shed(Shed(order[0], found), grace_s=0.0)
+
+    # -- the engine's hooks -------------------------------------------------------------------
+
+    def _background(self, tg: TaskGroup) -> None:
+        self._watch_total()
+
+    async def _after_turn(self, sampled: bool) -> None:
+        if sampled or self.admission or self._pressure_due:
+            self._pressure_due = False
+            self._check_pressure()
+            await self._admit_waiting()
+
+    def _longest_wait(self) -> float:
+        # Memory may free outside the fleet too: a waiting launch looks again soon.
+        return self.config.daemon.check_interval_s if self.admission else float("inf")
+
+    def _queue_entries(self) -> list[dict[str, Any]]:
+        return self.admission.entries()
+
+    def _ended(self, agent: Agent, event: ExitEvent) -> bool:
+        self.admission.history.add(
+            agent.agent_type, event.memory.peak_mb, aborted=event.reason.aborted
+        )
+        if agent.requeues(event.reason) and self._tg is not None:
+            self._tg.start_soon(self._requeue, agent)
+            return True
+        return False

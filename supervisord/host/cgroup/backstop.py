@@ -71,22 +71,33 @@ class Backstop:
             # and the daemon's own SIGTERM at max_mb still comes first.
             log.warning("cgroup_limit_failed", path=str(cgroup.path), error=str(exc))
 
+    def limit_total(self, budget_mb: float) -> AgentCgroup | None:
+        """The kernel's ceiling for every agent together: the daemon's group, which holds
+        every agent group, gets the budget plus the hard margin. None: it cannot (logged)."""
+        try:
+            return self.manager.limit_total(self.settings.ceiling_bytes(budget_mb))
+        except (CgroupError, OSError) as exc:
+            log.warning("cgroup_budget_failed", path=str(self.manager.path), error=str(exc))
+            return None
+
     async def watch(
         self,
         cgroup: AgentCgroup,
-        limits: Limits,
+        threshold_mb: float | None,
         on_threshold: Callable[[], None],
         on_oom: Callable[[float], None],
     ) -> None:
-        """Until cancelled: wake the sampler at ``max_mb``, report the ceiling being hit.
+        """Until cancelled: call ``on_threshold`` when usage reaches ``threshold_mb`` (an
+        agent's ``max_mb``, or the budget), ``on_oom`` when the group hits its ceiling.
 
-        With monitoring disabled there is nothing to watch: the threshold is lifted (on v2
-        ``memory.high`` would otherwise throttle the agent at its old limit) and this returns.
+        With no threshold (monitoring disabled) there is nothing to watch: the threshold is
+        lifted (on v2 ``memory.high`` would otherwise throttle the agent at its old limit) and
+        this returns.
         """
-        if not limits.enabled:
+        if threshold_mb is None:
             await anyio.to_thread.run_sync(cgroup.clear_threshold)
             return
-        max_mb = limits.max_mb
+        max_mb = threshold_mb
         fds: list[int] = []
 
         async def oom(fd: int) -> None:

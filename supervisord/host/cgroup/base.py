@@ -344,7 +344,9 @@ class CgroupManager(ABC):
         return self.path / f"{AGENT_PREFIX}{subprocess_id}"
 
     def _open(self, subprocess_id: str) -> AgentCgroup:
-        path = self.agent_path(subprocess_id)
+        return self._group(self.agent_path(subprocess_id), subprocess_id)
+
+    def _group(self, path: Path, subprocess_id: str) -> AgentCgroup:
         proc_path = posixpath.join(self.mount_root, str(path.relative_to(self.mount)))
         return self.agent_class(path, subprocess_id, proc_path)
 
@@ -372,6 +374,17 @@ class CgroupManager(ABC):
 
     @abstractmethod
     def _configure(self, path: Path, limit_bytes: int) -> None: ...
+
+    def limit_total(self, limit_bytes: int) -> AgentCgroup:
+        """Set the ceiling of the daemon's own group (every agent together); returns it."""
+        self._configure_total(self.path)
+        group = self._group(self.path, "")
+        group.set_limit(limit_bytes)
+        return group
+
+    @abstractmethod
+    def _configure_total(self, path: Path) -> None:
+        """What the daemon's group needs besides its limit."""
 
     def adopt(self, subprocess_id: str) -> AgentCgroup:
         """Open an existing agent group (recovery after a daemon restart)."""

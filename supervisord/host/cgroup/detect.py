@@ -199,3 +199,37 @@ def detect(
             raise CgroupUnavailable(f'[cgroup] mode = "required", but {exc}') from exc
         return Detection(None, f"off: {exc}", mode)
     return Detection(manager, manager.reason, mode)
+
+
+def enclosing_limit_bytes(mountinfo: str = MOUNTINFO, proc_cgroup: str = PROC_CGROUP) -> int | None:
+    """The tightest memory limit on the daemon's own cgroup and its ancestors (a container's
+    or a systemd slice's), or None when nothing limits it below the host."""
+    try:
+        v2, v1 = _mounts(Path(mountinfo).read_text())
+        own_v2, own_v1 = _own_groups(Path(proc_cgroup).read_text())
+    except OSError:
+        return None
+    if v1 is not None and own_v1 is not None:
+        mount, own, name = v1, own_v1, "memory.limit_in_bytes"
+    elif v2 is not None and own_v2 is not None:
+        mount, own, name = v2, own_v2, "memory.max"
+    else:
+        return None
+    try:
+        group = mount.dir_for(own)
+    except CgroupError:
+        return None
+    limits: list[int] = []
+    while group.is_relative_to(mount.point):
+        try:
+            text = (group / name).read_text().strip()
+        except OSError:
+            text = "max"
+        if text != "max":
+            limits.append(int(text))
+        if group == mount.point:
+            break
+        group = group.parent
+    # v1 reports "no limit" as the largest page-aligned 63-bit value.
+    real = [limit for limit in limits if limit < 2**62]
+    return min(real) if real else None

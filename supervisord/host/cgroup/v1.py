@@ -127,3 +127,8 @@ class V1Manager(CgroupManager):
         # Pause at the ceiling instead of killing only the largest process (see module doc).
         base.write_file(path / "memory.oom_control", "1")
         write_limits(path, limit_bytes)
+
+    def _configure_total(self, path: Path) -> None:
+        # At the agents' common ceiling too the kernel pauses them, and the daemon picks
+        # whom to kill by priority, not the kernel by size.
+        base.write_file(path / "memory.oom_control", "1")

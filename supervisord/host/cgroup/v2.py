@@ -176,6 +176,11 @@ class V2Manager(CgroupManager):
             base.write_file(path / "memory.oom.group", "1")
         base.write_file(path / "memory.max", str(limit_bytes))
 
+    def _configure_total(self, path: Path) -> None:
+        """Nothing: v2 cannot pause a group at its ceiling, so there the kernel's OOM kill
+        picks the victim (one agent's whole group, by memory.oom.group); the daemon's
+        shedding at the budget itself, woken by ``memory.high``, is meant to come first."""
+
 
 def _ensure_dir(path: Path) -> None:
     try:
