@@ -52,7 +52,9 @@ class TaskToolHelper:
 
         The command is the type's ``[agents.<type>]`` template with ``{task}`` replaced, unless
         ``command`` is given. Returns ``{success, subprocess_id, pid, memory_monitoring}``, or
-        ``{success: False, error}`` saying what to fix (e.g. the config key to set).
+        ``{success: False, error}`` saying what to fix (e.g. the config key to set). A launch
+        that must wait for room in the host's memory budget is queued: ``queued`` is True,
+        ``pid`` None, and ``position`` and ``reason`` say where it waits and why.
         """
         home = Home(find_home())
         try:
@@ -68,14 +70,19 @@ class TaskToolHelper:
                 "pid": None,
                 "memory_monitoring": self.config.enable_memory_monitoring,
             }
-        return {
+        answer = {
             "success": True,
             "subprocess_id": result["subprocess_id"],
             "pid": result["pid"],
             "memory_monitoring": self.config.enable_memory_monitoring,
-            "limits": result["limits"],
+            "queued": bool(result.get("queued")),
             "log": result["log"],
         }
+        if answer["queued"]:
+            answer.update(position=result["position"], reason=result["reason"])
+        else:
+            answer["limits"] = result["limits"]
+        return answer
 
     def run_agent_subprocess(
         self,

@@ -117,23 +117,50 @@ def cmd_launch(args: argparse.Namespace) -> int:
         "limits": limits or None,
         "timeout_s": args.timeout,
         "force": args.force or None,
+        "request_mb": args.request_mb,
+        "priority": args.priority,
+        "on_pressure": args.on_pressure,
+        "no_queue": args.no_queue or None,
     }
     with _client() as client:
         if not args.wait:
             result = client.launch(args.agent_type, command or None, **launch_kw)
-            _print_json(result) if args.json else print(result["subprocess_id"])
+            _print_json(result) if args.json else print(render.launched(result))
             return OK
 
         def launched(result: dict[str, Any]) -> None:
             if not args.json:
-                print(result["subprocess_id"], flush=True)
+                print(render.launched(result), flush=True)
 
         _, record = client.launch_and_wait(
             args.agent_type, command or None, on_launched=launched, **launch_kw
         )
+    if record.get("type") == EventType.CANCELLED:
+        _print_json(record) if args.json else error(
+            f"{record['subprocess_id']} was cancelled while queued: {record['reason']}"
+        )
+        return FAILED
     _print_json(record) if args.json else print(render.record(record))
     ok = record["reason"] == "exited" and record["exit_code"] == 0
     return OK if ok else FAILED
+
+
+def cmd_queue(args: argparse.Namespace) -> int:
+    with _client() as client:
+        result = client.queue()
+    _print_json(result) if args.json else print(render.queue(result))
+    return OK
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    try:
+        with _client() as client:
+            result = client.cancel(args.subprocess_id)
+    except NotFoundError as exc:
+        error(str(exc))
+        return FAILED
+    _print_json(result) if args.json else print(f"{result['subprocess_id']} cancelled")
+    return OK
 
 
 def cmd_stats(args: argparse.Namespace) -> int:

@@ -99,8 +99,24 @@ def _agent_commands(add: Add) -> None:
     p.add_argument("--cwd", metavar="DIR")
     p.add_argument("--env", action="append", default=[], metavar="K=V", type=_env_pair)
     p.add_argument("--task", help="task text for the type's [agents.TYPE] command template")
-    p.add_argument("--force", action="store_true", help="launch even when memory is short")
-    p.add_argument("--wait", action="store_true", help="wait for it to end; print its record")
+    p.add_argument(
+        "--force", action="store_true", help="start now, even past the host's memory budget"
+    )
+    p.add_argument(
+        "--request-mb", type=_positive, metavar="N", help="MB it is expected to need (admission)"
+    )
+    p.add_argument(
+        "--priority", type=int, metavar="N", help="higher is admitted first, shed last (default 0)"
+    )
+    p.add_argument("--on-pressure", choices=["stop", "requeue"], help="when shed for host pressure")
+    p.add_argument(
+        "--no-queue", action="store_true", help="refuse, rather than wait, if it does not fit"
+    )
+    p.add_argument(
+        "--wait",
+        action="store_true",
+        help="wait (through the queue) for it to end; print its record",
+    )
     p.add_argument("--json", action="store_true")
     p.add_argument("cmd", nargs="*", metavar="-- CMD [ARG ...]")
     p = add("stats", h.cmd_stats, "statistics of all agents, or of one")
@@ -111,6 +127,11 @@ def _agent_commands(add: Add) -> None:
     p.add_argument("--grace", type=_non_negative, metavar="S")
     p.add_argument("--json", action="store_true")
     p = add("kill", h.cmd_kill, "SIGKILL an agent's whole tree now")
+    p.add_argument("subprocess_id", metavar="ID")
+    p.add_argument("--json", action="store_true")
+    p = add("queue", h.cmd_queue, "launches waiting for room in the host's memory budget, and why")
+    p.add_argument("--json", action="store_true")
+    p = add("cancel", h.cmd_cancel, "take a waiting launch out of the queue")
     p.add_argument("subprocess_id", metavar="ID")
     p.add_argument("--json", action="store_true")
 

@@ -51,11 +51,50 @@ def status(result: Mapping[str, Any]) -> str:
             f"grace {mem['term_grace_s']:g} s",
             f"system:     {system['available_mb']:.0f} of {system['total_mb']:.0f} MB available "
             f"({system['percent']:.1f}% used)",
+            *([budget_line(result["host"])] if "host" in result else []),
             f"agents:     {result['agent_count']}",
             "",
             agents_table(result["agents"]),
         ]
     )
+
+
+def budget_line(host: Mapping[str, Any]) -> str:
+    sheds = sum(host.get("sheds", {}).values())
+    return (
+        f"budget:     {host['budget_mb']:.0f} MB for all agents (reserve {host['reserve_mb']:.0f}"
+        f" MB): {host['used_mb']:.0f} MB used, {host['requested_mb']:.0f} MB requested, "
+        f"{host['free_mb']:.0f} MB free; {host['queue_length']} queued, {sheds} shed"
+    )
+
+
+def queue(result: Mapping[str, Any]) -> str:
+    lines = [budget_line(result["host"]), ""]
+    rows = result["queue"]
+    if not rows:
+        return "\n".join([*lines, "no launches waiting"])
+    body = table(
+        ["POS", "SUBPROCESS_ID", "PRIO", "REQUEST_MB", "QUEUED_AT", "WAITS BECAUSE"],
+        [
+            [
+                str(r["position"]),
+                r["subprocess_id"],
+                str(r["priority"]),
+                f"{r['request_mb']:g}",
+                r["queued_at"],
+                r["reason"],
+            ]
+            for r in rows
+        ],
+    )
+    return "\n".join([*lines, body])
+
+
+def launched(result: Mapping[str, Any]) -> str:
+    """The line ``launch`` prints: the id, and for a queued launch its place and why."""
+    if not result.get("queued"):
+        return str(result["subprocess_id"])
+    return f"{result['subprocess_id']} queued at position {result['position']}: {result['reason']}"
 
 
 def agent(stats: Mapping[str, Any]) -> str:

@@ -65,8 +65,16 @@ class _Commands:
         limits: Mapping[str, Any] | None = None,
         timeout_s: float | None = None,
         force: bool | None = None,
+        request_mb: float | None = None,
+        priority: int | None = None,
+        on_pressure: str | None = None,
+        no_queue: bool | None = None,
     ) -> dict[str, Any]:
         return {
+            "request_mb": request_mb,
+            "priority": priority,
+            "on_pressure": on_pressure,
+            "no_queue": no_queue or None,
             "agent_type": agent_type,
             "command": list(command) if command else None,
             "task": task,
@@ -156,6 +164,12 @@ class Client(_Commands):
     def kill(self, subprocess_id: str) -> dict[str, Any]:
         return dict(self.request("kill", subprocess_id=subprocess_id))
 
+    def queue(self) -> dict[str, Any]:
+        return dict(self.request("queue"))
+
+    def cancel(self, subprocess_id: str) -> dict[str, Any]:
+        return dict(self.request("cancel", subprocess_id=subprocess_id))
+
     def reload(self, env: Mapping[str, str] | None = None) -> dict[str, Any]:
         env = environment_overrides() if env is None else env
         return dict(self.request("reload", env=dict(env)))
@@ -193,15 +207,19 @@ class Client(_Commands):
     ) -> tuple[dict[str, Any], dict[str, Any]]:
         """Launch, then wait for the agent's tree to be gone: (launch result, stats record).
 
-        The exit is subscribed to first, on a second connection, so it cannot slip by.
+        A queued launch is waited for through the queue (and through a requeue after being
+        shed); one cancelled while it waits ends the wait with the ``cancelled`` event. The
+        exit is subscribed to first, on a second connection, so it cannot slip by.
         """
         with Client(self.socket_path, timeout_s=None) as watcher:
-            events = watcher.subscribe(types=[EventType.EXIT])
+            events = watcher.subscribe(types=[EventType.EXIT, EventType.CANCELLED])
             result = self.launch(agent_type, command, **kw)
             if on_launched is not None:
                 on_launched(result)
             for event in events:
-                if event.get("subprocess_id") == result["subprocess_id"]:
+                if event.get("subprocess_id") == result["subprocess_id"] and not event.get(
+                    "requeued"
+                ):
                     return result, event
         raise DaemonNotRunning("the daemon went away before the agent ended")
 
@@ -314,6 +332,12 @@ class AsyncClient(_Commands):
 
     async def kill(self, subprocess_id: str) -> dict[str, Any]:
         return dict(await self.request("kill", subprocess_id=subprocess_id))
+
+    async def queue(self) -> dict[str, Any]:
+        return dict(await self.request("queue"))
+
+    async def cancel(self, subprocess_id: str) -> dict[str, Any]:
+        return dict(await self.request("cancel", subprocess_id=subprocess_id))
 
     async def reload(self, env: Mapping[str, str] | None = None) -> dict[str, Any]:
         env = environment_overrides() if env is None else env

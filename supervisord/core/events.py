@@ -148,6 +148,8 @@ class ExitEvent:
     memory: MemoryStats
     # From the first signal to the whole tree gone (the stream's figure, not the record's).
     term_to_gone_s: float | None = None
+    # Shed with on_pressure = "requeue": it waits in the queue to run again (same id).
+    requeued: bool = False
     at: datetime = field(default_factory=_now)
     # Whose subscriptions see it, as on LaunchEvent; not in the record either.
     owner_uid: int | None = None
@@ -174,6 +176,8 @@ class ExitEvent:
         event = {"type": self.type.value, **self.record()}
         if self.term_to_gone_s is not None:
             event["term_to_gone_s"] = self.term_to_gone_s
+        if self.requeued:
+            event["requeued"] = True
         return event
 
 

@@ -238,6 +238,7 @@ class Agent:
                 cgroup_peak_mb=cgroup_peak_mb,
             ),
             term_to_gone_s=term_to_gone_s,
+            requeued=self.requeues(reason),
             owner_uid=self.owner_uid,
         )
 
