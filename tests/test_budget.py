@@ -8,6 +8,8 @@ daemon's cgroup (every agent group is inside it), not by the daemon's figures.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,6 +27,7 @@ from supervisord.core.budget import Budget, Claim, Trigger
 from supervisord.core.errors import ConfigError, NotFoundError, RemoteError
 from supervisord.core.history import PeakHistory
 from tests.conftest import DaemonProcess, Events, read_jsonl, simagent, write_config
+from tests.test_cli import CLI, clean_environ
 from tests.test_security import NOBODY, as_nobody, attempt
 
 pytestmark = pytest.mark.anyio
@@ -58,11 +61,14 @@ def test_pressure_names_what_triggered_it() -> None:
     budget = Budget(budget_mb=1_000, reserve_mb=500, psi_some_avg10=20)
     assert budgeting.pressure(budget, 1_000, 5_000, 19.9) is None
     over = budgeting.pressure(budget, 1_000.1, 5_000)
-    assert over is not None and over.trigger is Trigger.BUDGET
+    assert over is not None
+    assert over.trigger is Trigger.BUDGET
     low = budgeting.pressure(budget, 10, 499)
-    assert low is not None and low.trigger is Trigger.RESERVE
+    assert low is not None
+    assert low.trigger is Trigger.RESERVE
     stalled = budgeting.pressure(budget, 10, 5_000, 20.5)
-    assert stalled is not None and stalled.trigger is Trigger.PSI
+    assert stalled is not None
+    assert stalled.trigger is Trigger.PSI
     assert "20.5% is over 20%" in stalled.message
 
 
@@ -166,11 +172,12 @@ async def test_six_agents_run_as_the_budget_allows(home: Home) -> None:
         most = max(most, running)
     assert most == 3, "never more running at once than fit"
     assert sum(e["type"] == "admitted" for e in events.seen) == 3
-    print(f"observed total peak {peak[0]:.1f} MB against a 1200 MB budget")
-    assert 1_000 < peak[0] <= 1_200 * 1.05
+    assert 1_000 < peak[0] <= 1_200 * 1.05, f"observed total peak {peak[0]:.1f} MB"
     alerts = [a["event"] for a in read_jsonl(home.alerts_log)]
-    assert "oom_kill" not in alerts and "host_pressure" not in alerts
-    assert host["queue_length"] == 0 and host["budget_mb"] == 1_200
+    assert "oom_kill" not in alerts
+    assert "host_pressure" not in alerts
+    assert host["queue_length"] == 0
+    assert host["budget_mb"] == 1_200
 
 
 @pytest.mark.parametrize("on_pressure", ["stop", "requeue"])
@@ -202,14 +209,16 @@ async def test_a_low_priority_agent_is_shed_for_a_high_priority_one(
                 final = await events.next_matching(
                     20, type="exit", subprocess_id=shed["subprocess_id"], reason="exited"
                 )
-                assert final["exit_code"] == 0 and again["pid"] != shed["pid"]
+                assert final["exit_code"] == 0
+                assert again["pid"] != shed["pid"]
             else:
                 assert "requeued" not in shed
     finally:
         daemon.close()
     (alert,) = [a for a in read_jsonl(home.alerts_log) if a["event"] == "host_pressure"]
     assert alert["subprocess_id"] == shed["subprocess_id"]
-    assert alert["host"]["trigger"] == "budget" and alert["host"]["budget_mb"] == 900
+    assert alert["host"]["trigger"] == "budget"
+    assert alert["host"]["budget_mb"] == 900
     assert alert["host"]["agents_mb"] > 900
     records = read_jsonl(home.stats_log)
     assert [r["reason"] for r in records if r["subprocess_id"] == high["subprocess_id"]] == [
@@ -240,10 +249,12 @@ async def test_queue_listing_cancel_and_refusals(home: Home) -> None:
             assert behind["reason"].startswith(f"behind {head['subprocess_id']}")
             with pytest.raises(RemoteError) as full:
                 await client.launch("big", sleeper, request_mb=100)
-            assert full.value.code == "queue_full" and "[host] max_queued" in str(full.value)
+            assert full.value.code == "queue_full"
+            assert "[host] max_queued" in str(full.value)
             with pytest.raises(RemoteError) as never:
                 await client.launch("big", sleeper, request_mb=601)
-            assert never.value.code == "launch_refused" and "could never be" in str(never.value)
+            assert never.value.code == "launch_refused"
+            assert "could never be" in str(never.value)
             with pytest.raises(RemoteError) as no_queue:
                 await client.launch("big", sleeper, request_mb=200, no_queue=True)
             assert "(no queueing)" in str(no_queue.value)
@@ -303,9 +314,71 @@ def test_another_user_sees_and_cancels_only_their_own_queued_launches(home: Home
         assert "lower request_mb below 500 MB in force" in outcome["smaller"]["message"]
         assert "result" in outcome["cancel_mine"]
         with daemon.client() as client:
-            assert [r["subprocess_id"] for r in client.queue()["queue"]] == [
-                roots["subprocess_id"]
-            ]
+            assert [r["subprocess_id"] for r in client.queue()["queue"]] == [roots["subprocess_id"]]
             client.kill(running["subprocess_id"])
     finally:
+        daemon.close()
+
+
+def test_the_cli_queues_waits_lists_and_cancels(home: Home) -> None:
+    write_config(home, GROWN, host={"budget_mb": 600})
+    cli = CLI(home)
+    try:
+        cli.ok("init")
+        holder = cli.ok("launch", "big", "--request-mb", "500", "--", "sleep", "30").strip()
+        queued = cli.ok("launch", "big", "--request-mb", "500", "--", "sleep", "30")
+        sid, _, rest = queued.strip().partition(" ")
+        assert rest.startswith("queued at position 1: needs 500 MB; 100 MB of the 600 MB budget")
+        listing = cli.ok("queue")
+        assert "budget:     600 MB for all agents" in listing
+        assert "1 queued" in listing
+        assert sid in listing
+        assert "WAITS BECAUSE" in listing
+        refused = cli("launch", "big", "--no-queue", "--request-mb", "200", "--", "sleep", "1")
+        assert refused.returncode == 1
+        assert "(no queueing)" in refused.stderr
+        assert cli.ok("cancel", sid).strip() == f"{sid} cancelled"
+        unknown = cli("cancel", sid)
+        assert unknown.returncode == 1
+        assert f"no queued launch {sid}" in unknown.stderr
+        # --wait waits through the queue: admitted once the holder is killed, then its record.
+        waiter = subprocess.Popen(
+            [sys.executable, "-m", "supervisord", "launch", "small", "--wait", "--request-mb",
+             "500", "--", sys.executable, "-c", "exit(0)"],
+            env=clean_environ(home), stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        assert waiter.stdout is not None
+        assert "queued at position 1" in waiter.stdout.readline()
+        cli.ok("kill", holder)
+        out, _ = waiter.communicate(timeout=20)
+        assert waiter.returncode == 0
+        assert "ended: exited (exit code 0)" in out
+    finally:
+        cli.cleanup()
+
+
+def test_the_python_api_says_when_it_queued(home: Home) -> None:
+    from claude_pm.utils.task_tool_helper import TaskToolHelper
+
+    write_config(home, GROWN, host={"budget_mb": 600}, agents={"eng": {"request_mb": 500}})
+    daemon = DaemonProcess(home).start()
+    os.environ["CLAUDE_PM_HOME"] = str(home.root)
+    try:
+        helper = TaskToolHelper()
+        sleeper = ["sleep", "30"]
+        first = helper.create_agent_subprocess("eng", "first", command=sleeper)
+        second = helper.create_agent_subprocess("eng", "second", command=sleeper)
+        assert first["success"]
+        assert not first["queued"]
+        assert first["pid"] > 0
+        assert second["success"]
+        assert second["queued"]
+        assert second["pid"] is None
+        assert second["position"] == 1
+        assert "needs 500 MB" in second["reason"]
+        with daemon.client() as client:
+            client.cancel(second["subprocess_id"])
+            client.kill(first["subprocess_id"])
+    finally:
+        del os.environ["CLAUDE_PM_HOME"]
         daemon.close()
