@@ -8,9 +8,11 @@ daemon's cgroup (every agent group is inside it), not by the daemon's figures.
 from __future__ import annotations
 
 import os
+import secrets
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,7 +28,11 @@ from supervisord.core import budget as budgeting
 from supervisord.core.budget import Budget, Claim, Trigger
 from supervisord.core.errors import ConfigError, NotFoundError, RemoteError
 from supervisord.core.history import PeakHistory
+from supervisord.core.units import MIB
+from supervisord.host.cgroup.base import CgroupManager
+from tests.cgroup_helpers import kill_group, shim_command
 from tests.conftest import DaemonProcess, Events, read_jsonl, simagent, write_config
+from tests.test_cgroup import Processes, procs, v1  # noqa: F401 (fixtures)
 from tests.test_cli import CLI, clean_environ
 from tests.test_security import NOBODY, as_nobody, attempt
 
@@ -382,3 +388,60 @@ def test_the_python_api_says_when_it_queued(home: Home) -> None:
     finally:
         del os.environ["CLAUDE_PM_HOME"]
         daemon.close()
+
+
+async def test_at_the_kernels_ceiling_for_all_agents_the_daemon_picks_the_victim(
+    home: Home,
+) -> None:
+    # Budget 400 MB, ceiling 440 MB for all agents together; the low-priority agent ignores
+    # SIGTERM, so only the ceiling's SIGKILL can make room before its 5 s grace ends.
+    write_config(
+        home,
+        {**GROWN, "term_grace_s": 5},
+        host={"budget_mb": 400},
+        cgroup={"hard_margin_pct": 10},
+    )
+    daemon = DaemonProcess(home).start()
+    stubborn = simagent("--hold-mb", "150", "--duration", "20", "--ignore-term")
+    grower = simagent("--hold-mb", "20", "--rate", "1500", "--cap", "380", "--duration", "2")
+    try:
+        async with daemon.async_client() as client, daemon.async_client() as sub:
+            events = await Events(sub).start()
+            low = await client.launch("low", stubborn, request_mb=150)
+            await wait_mb(client, low["subprocess_id"], 140)
+            high = await client.launch("high", grower, request_mb=50, priority=10)
+            shed = await events.exit_of(low["subprocess_id"], timeout_s=10)
+            done = await events.exit_of(high["subprocess_id"], timeout_s=10)
+    finally:
+        daemon.close()
+    assert shed["reason"] == "host_pressure"
+    assert shed["signal"] == "SIGKILL"
+    assert shed["term_to_gone_s"] < 3, "killed at the ceiling, not at the end of its grace"
+    assert done["reason"] == "exited"
+    assert done["exit_code"] == 0, "the agent paused with the rest was not killed"
+    alerts = read_jsonl(home.alerts_log)
+    assert not [a for a in alerts if a["event"] == "oom_kill"]
+    pressure = [a for a in alerts if a["event"] == "host_pressure"]
+    assert {a["subprocess_id"] for a in pressure} == {low["subprocess_id"]}
+
+
+def test_an_agent_paused_at_the_common_ceiling_is_not_at_its_own(
+    v1: CgroupManager,  # noqa: F811 (the fixture imported above)
+    procs: Processes,  # noqa: F811
+) -> None:
+    total = v1.limit_total(100 * MIB)
+    group = v1.create(f"test_{secrets.token_hex(6)}", 1024 * MIB)
+    try:
+        procs.start(shim_command(group, simagent("--hold-mb", "200", "--duration", "30")))
+        deadline = time.monotonic() + 10
+        while not total.under_oom():
+            assert time.monotonic() < deadline, "the daemon's group never reached its ceiling"
+            time.sleep(0.01)
+        # The kernel marks the agent's group under OOM too; it is not at its own ceiling.
+        assert "under_oom 1" in (group.path / "memory.oom_control").read_text()
+        assert not group.under_oom()
+        assert not group.oom_killed()
+    finally:
+        assert kill_group(group)
+        group.remove()
+        total.close()

@@ -53,8 +53,11 @@ class KernelWatch:
         group = await anyio.to_thread.run_sync(self.backstop.limit_total, budget_mb)
         if group is None:
             return
+        # v1 pauses every agent at the common ceiling and waits for the daemon to choose; v2
+        # has OOM-killed one agent's group by then, and another kill would be one too many.
+        ceiling = at_ceiling if group.version == 1 else at_threshold
         try:
-            await self.backstop.watch(group, budget_mb, at_threshold, lambda _mb: at_ceiling())
+            await self.backstop.watch(group, budget_mb, at_threshold, lambda _mb: ceiling())
         except* (CgroupError, OSError) as errors:
             log.warning("cgroup_budget_watch_failed", errors=[str(e) for e in errors.exceptions])
         finally:

@@ -351,18 +351,24 @@ class Supervisor(Engine):
         self._wake.set()
 
     def _at_ceiling(self) -> None:
-        """Every agent together hit the kernel's ceiling (v1 pauses them there): the agent
-        the budget ranks last is killed at once, not the one the kernel would pick."""
+        """Every agent together hit the kernel's ceiling (v1 pauses them there): agents
+        already being ended are killed now, else the one the budget ranks last, not the one
+        the kernel would pick."""
+        ending = [a for a in self.agents.values() if a.state.ending and not a.state.kill_sent]
+        for agent in ending:
+            agent.state, actions = policy.request_end(
+                agent.state, self.clock(), agent.state.ending or EndReason.HOST_PRESSURE, 0.0
+            )
+            self._carry_out(agent, actions)
         order = budgeting.shed_order(self._claims())
-        if not order:
+        if ending or not order:
             return
-        used = sum(agent.state.current_mb for agent in self.agents.values())
         budget = self.admission.budget
         found = budgeting.Pressure(
             budgeting.Trigger.BUDGET,
             f"every agent together reached the kernel's ceiling above the {budget.budget_mb:g}"
             " MB budget",
-            used,
+            sum(agent.state.current_mb for agent in self.agents.values()),
             system_memory().available_mb,
             None,
         )
