@@ -30,6 +30,8 @@ from supervisord.core.errors import ConfigError, NotFoundError, RemoteError
 from supervisord.core.history import PeakHistory
 from supervisord.core.units import MIB
 from supervisord.host.cgroup.base import CgroupManager
+from supervisord.host.cgroup.detect import enclosing_limit_bytes
+from supervisord.supervise.pressure import HostGuard
 from tests.cgroup_helpers import kill_group, shim_command
 from tests.conftest import DaemonProcess, Events, read_jsonl, simagent, write_config
 from tests.test_cgroup import Processes, procs, v1  # noqa: F401 (fixtures)
@@ -445,3 +447,71 @@ def test_an_agent_paused_at_the_common_ceiling_is_not_at_its_own(
         assert kill_group(group)
         group.remove()
         total.close()
+
+
+def test_the_enclosing_cgroup_limit_is_the_tightest_of_the_daemons_ancestors(
+    tmp_path: Path,
+) -> None:
+    mount = tmp_path / "memory"
+    (mount / "slice" / "unit").mkdir(parents=True)
+    (mount / "memory.limit_in_bytes").write_text("9223372036854771712\n")  # v1's "none"
+    (mount / "slice" / "memory.limit_in_bytes").write_text(f"{6 * 2**30}\n")
+    (mount / "slice" / "unit" / "memory.limit_in_bytes").write_text(f"{8 * 2**30}\n")
+    mountinfo = tmp_path / "mountinfo"
+    mountinfo.write_text(f"40 24 0:35 / {mount} rw - cgroup cgroup rw,memory\n")
+    own = tmp_path / "cgroup"
+    own.write_text("4:memory:/slice/unit\n0::/\n")
+    assert enclosing_limit_bytes(str(mountinfo), str(own)) == 6 * 2**30
+    (mount / "slice" / "memory.limit_in_bytes").write_text("9223372036854771712\n")
+    assert enclosing_limit_bytes(str(mountinfo), str(own)) == 8 * 2**30
+    own.write_text("4:memory:/\n")
+    assert enclosing_limit_bytes(str(mountinfo), str(own)) is None
+
+
+def test_memory_stalls_shed_one_agent_at_a_time(tmp_path: Path) -> None:
+    pressure_file = tmp_path / "memory.pressure"
+    pressure_file.write_text(
+        "some avg10=31.50 avg60=10.00 avg300=2.00 total=123\n"
+        "full avg10=5.00 avg60=1.00 avg300=0.10 total=45\n"
+    )
+    guard = HostGuard(pressure_file)
+    budget = Budget(budget_mb=10_000, reserve_mb=100, psi_some_avg10=30)
+    claims = [Claim("a", 100, 100, priority=1), Claim("b", 100, 100, priority=0)]
+    running = {"a", "b"}
+    shed = guard.check(budget, 200, 5_000, lambda: claims, running.__contains__)
+    assert shed is not None
+    assert shed.victim.subprocess_id == "b"
+    assert shed.pressure.trigger is Trigger.PSI
+    assert shed.pressure.psi_some_avg10 == 31.5
+    # While "b" is still ending nothing else is shed; once it is gone the next check decides.
+    assert guard.check(budget, 200, 5_000, lambda: claims, running.__contains__) is None
+    running.discard("b")
+    again = guard.check(budget, 100, 5_000, lambda: claims[:1], running.__contains__)
+    assert again is not None
+    assert again.victim.subprocess_id == "a"
+    assert guard.sheds == {"psi": 2}
+    pressure_file.write_text("some avg10=29.99 avg60=0 avg300=0 total=0\n")
+    running.discard("a")
+    assert guard.check(budget, 100, 5_000, lambda: claims[:1], running.__contains__) is None
+
+
+async def test_reload_moves_the_budget_and_admits_what_now_fits(home: Home) -> None:
+    daemon = budget_daemon(home, 600)
+    sleeper = ["/bin/sh", "-c", "exec sleep 30"]
+    try:
+        async with daemon.async_client() as client, daemon.async_client() as sub:
+            events = await Events(sub).start()
+            first = await client.launch("big", sleeper, request_mb=500)
+            waiting = await client.launch("big", sleeper, request_mb=500)
+            assert waiting["queued"]
+            write_config(home, GROWN, host={"budget_mb": 1_200})
+            await client.reload()
+            admitted = await events.next_matching(5, type="admitted")
+            assert admitted["subprocess_id"] == waiting["subprocess_id"]
+            host = (await client.status())["host"]
+            assert host["budget_mb"] == 1_200
+            assert host["requested_mb"] == 1_000
+            for sid in (first["subprocess_id"], waiting["subprocess_id"]):
+                await client.kill(sid)
+    finally:
+        daemon.close()
