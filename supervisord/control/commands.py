@@ -20,7 +20,7 @@ from supervisord.core.limits import LIMIT_KEYS
 from supervisord.core.scheduling import SCHEDULING_KEYS
 from supervisord.host.launcher import Credentials
 from supervisord.host.sysmem import system_memory
-from supervisord.supervise.admission import Waiting
+from supervisord.supervise.admission import Queued
 from supervisord.supervise.agent import Agent
 from supervisord.supervise.launchplan import LaunchRequest
 from supervisord.supervise.supervisor import Supervisor
@@ -154,15 +154,16 @@ class Commands:
             queue=not args.get("no_queue", False),
         )
         started = await self.supervisor.launch(request)
-        if isinstance(started, Waiting):
+        if isinstance(started, Queued):
+            waiting = started.waiting
             return {
-                "subprocess_id": started.subprocess_id,
+                "subprocess_id": waiting.subprocess_id,
                 "queued": True,
                 "pid": None,
-                "agent_type": started.request.agent_type,
-                "command": list(started.command),
-                "log": str(self.supervisor.home.agent_log(started.subprocess_id)),
-                **started.row(self.supervisor.admission.position(started.subprocess_id)),
+                "agent_type": waiting.request.agent_type,
+                "command": list(waiting.command),
+                "log": str(self.supervisor.home.agent_log(waiting.subprocess_id)),
+                **waiting.row(started.position),
             }
         agent = started
         return {

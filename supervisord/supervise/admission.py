@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 from supervisord.config.host import HostSettings
 from supervisord.core import budget as budgeting
@@ -108,6 +108,13 @@ def host_budget(settings: HostSettings, total_mb: float) -> Budget:
         reserve_mb=settings.reserve_mb,
         psi_some_avg10=settings.pressure_psi_some_avg10,
     )
+
+
+class Queued(NamedTuple):
+    """What a launch that must wait became: its entry, and its place when it was queued."""
+
+    waiting: Waiting
+    position: int
 
 
 class Admission:

@@ -6,6 +6,8 @@ after every sample the host is checked for pressure and one agent shed if it mus
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from contextlib import suppress
 from typing import Any, NoReturn
 
@@ -32,9 +34,16 @@ from supervisord.core.kinds import EndReason, EventType
 from supervisord.core.records import AgentRecord
 from supervisord.host import launcher
 from supervisord.host.agentlog import OutputPlace
+from supervisord.host.cgroup.backstop import Backstop
 from supervisord.host.sysmem import shared_total_mb, system_memory
 from supervisord.supervise import launchplan, recovery
-from supervisord.supervise.admission import Admission, Waiting, host_budget, queue_event
+from supervisord.supervise.admission import (
+    Admission,
+    Queued,
+    Waiting,
+    host_budget,
+    queue_event,
+)
 from supervisord.supervise.agent import Agent
 from supervisord.supervise.engine import Engine, RecordSink
 from supervisord.supervise.launchplan import LaunchRequest
@@ -52,9 +61,22 @@ class Supervisor(Engine):
         *,
         budget: Budget | None = None,
         history: PeakHistory | None = None,
-        **engine: Any,
+        clock: Callable[[], float] = time.monotonic,
+        reap_orphans: bool = False,
+        on_tick: Callable[[int], None] | None = None,
+        tick_at_least_every_s: float | None = None,
+        backstop: Backstop | None = None,
     ) -> None:
-        super().__init__(config, home, records, **engine)
+        super().__init__(
+            config,
+            home,
+            records,
+            clock=clock,
+            reap_orphans=reap_orphans,
+            on_tick=on_tick,
+            tick_at_least_every_s=tick_at_least_every_s,
+            backstop=backstop,
+        )
         self.admission = Admission(
             budget or host_budget(config.host, shared_total_mb()),
             config.host.max_queued,
@@ -66,7 +88,7 @@ class Supervisor(Engine):
 
     # -- commands ---------------------------------------------------------------------------
 
-    async def launch(self, request: LaunchRequest) -> Agent | Waiting:
+    async def launch(self, request: LaunchRequest) -> Agent | Queued:
         """Start an agent now if it fits the host's budget; else queue it (or refuse it,
         when it may not wait or could never fit). ``force`` starts it regardless."""
         assert self._tg is not None, "Supervisor.run() must be started first"
@@ -100,13 +122,15 @@ class Supervisor(Engine):
         self._publish_alert(refusal.alert(waiting.subprocess_id, system_memory().as_dict()))
         raise LaunchRefused(message)
 
-    async def _enqueue(self, waiting: Waiting, reason: str) -> Waiting:
+    async def _enqueue(self, waiting: Waiting, reason: str) -> Queued:
         position = self.admission.enqueue(waiting, reason)
-        await self.state_writer.written()
+        # As it was queued: by the time the state is written it may have been admitted.
+        queued = Queued(self.admission.get(waiting.subprocess_id), position)
         log.info("launch_queued", subprocess_id=waiting.subprocess_id, position=position)
         self.bus.publish(queue_event(EventType.QUEUED, waiting, reason, position=position))
+        await self.state_writer.written()
         self._wake.set()
-        return self.admission.get(waiting.subprocess_id)
+        return queued
 
     async def _start(self, waiting: Waiting) -> Agent:
         request, subprocess_id = waiting.request, waiting.subprocess_id
