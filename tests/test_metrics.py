@@ -9,7 +9,7 @@ import socket
 import subprocess
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +21,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from supervisord.config.home import Home
 from supervisord.config.observe import MetricsSettings
 from supervisord.config.settings import Config, load_config
+from supervisord.core.budget import Budget, Pressure, Trigger
 from supervisord.core.errors import ConfigError
-from supervisord.core.events import Event
-from supervisord.core.kinds import AlertKind
+from supervisord.core.events import AlertEvent, Event, QueueEvent
+from supervisord.core.kinds import AlertKind, EndReason, EventType
 from supervisord.host.sysmem import SystemMemory
 from supervisord.observe.metrics import Metrics, follow
 from supervisord.observe.metrics_http import MetricsServer
@@ -89,9 +90,46 @@ class FakeSupervisor:
     config: Config = field(default_factory=Config)
     agents: list[dict[str, Any]] = field(default_factory=list)
     last_sample_s: float = 0.004
+    host: dict[str, Any] = field(default_factory=dict)
 
     def stats(self) -> list[dict[str, Any]]:
         return list(self.agents)
+
+    def host_status(self) -> dict[str, Any]:
+        return dict(self.host)
+
+
+def host_status(**figures: Any) -> dict[str, Any]:
+    """``Supervisor.host_status()`` as the daemon answers it, with figures a test sets."""
+    return {
+        "budget_mb": 3072.0,
+        "reserve_mb": 1024.0,
+        "pressure_psi_some_avg10": None,
+        "used_mb": 1234.5,
+        "requested_mb": 1600.0,
+        "held_mb": 1700.0,
+        "free_mb": 1372.0,
+        "queue_length": 3,
+        "max_queued": 100,
+        "shedding": None,
+        "sheds": {},
+        "kernel_ceiling": False,
+        **figures,
+    }
+
+
+def shed_alert(sid: str, trigger: Trigger) -> AlertEvent:
+    """The host_pressure alert of a shed, its figures made as the supervisor makes them."""
+    pressure = Pressure(trigger, "agents use 3100.0 MB", 3100.0, 900.0, None)
+    return replace(
+        ev.alert("host_pressure", sid),
+        reason=EndReason.HOST_PRESSURE,
+        host=pressure.figures(Budget(budget_mb=3072, reserve_mb=1024)),
+    )
+
+
+def queue_event(kind: EventType, sid: str = "eng_cccccccccccc") -> QueueEvent:
+    return QueueEvent(kind, sid, "eng", request_mb=500.0, priority=0, reason="needs 500 MB")
 
 
 # -- the registry ------------------------------------------------------------------------------
@@ -193,6 +231,76 @@ def test_an_ended_agents_series_are_removed() -> None:
     assert not names & set(GUIDE_LINT)
 
 
+async def test_sheds_by_trigger_and_queue_events_follow_the_bus() -> None:
+    metrics = Metrics()
+    bus: Broadcaster[Event] = Broadcaster()
+    async with anyio.create_task_group() as tg:
+        await tg.start(follow, metrics, bus)
+        for kind in (EventType.QUEUED, EventType.QUEUED, EventType.ADMITTED, EventType.CANCELLED):
+            bus.publish(queue_event(kind))
+        bus.publish(shed_alert("low_aaaaaaaaaaaa", Trigger.BUDGET))
+        bus.publish(ev.exit_("low_aaaaaaaaaaaa", "host_pressure"))
+        bus.publish(shed_alert("low_bbbbbbbbbbbb", Trigger.PSI))
+        bus.publish(shed_alert("low_cccccccccccc", Trigger.BUDGET))
+        # Figures without a trigger the daemon knows: counted, under one bounded label value.
+        bus.publish(replace(shed_alert("low_dddddddddddd", Trigger.BUDGET), host=None))
+        bus.publish(ev.launch("last_eeeeeeeeeeee"))  # the bus is in order: all before it seen
+        with anyio.fail_after(5):
+            while (
+                value(
+                    metrics.render().decode(), "claude_pm_agents_launched_total", agent_type="last"
+                )
+                != 1
+            ):
+                await anyio.sleep(0.01)
+        tg.cancel_scope.cancel()
+    text = metrics.render().decode()
+    assert value(text, "claude_pm_queue_events_total", event="queued") == 2
+    assert value(text, "claude_pm_queue_events_total", event="admitted") == 1
+    assert value(text, "claude_pm_queue_events_total", event="cancelled") == 1
+    assert value(text, "claude_pm_sheds_total", trigger="budget") == 2
+    assert value(text, "claude_pm_sheds_total", trigger="psi") == 1
+    assert value(text, "claude_pm_sheds_total", trigger="reserve") == 0
+    assert value(text, "claude_pm_sheds_total", trigger="unknown") == 1
+    assert value(text, "claude_pm_alerts_total", event="host_pressure", level="CRITICAL") == 4
+    # The shed agent's exit is a kill and a finish like any other, by its reason.
+    assert value(text, "claude_pm_kills_total", reason="host_pressure") == 1
+    labels = {"reason": "host_pressure", "agent_type": "low"}
+    assert value(text, "claude_pm_agents_finished_total", **labels) == 1
+
+
+def test_host_gauges_and_each_agents_request() -> None:
+    metrics = Metrics()
+    metrics.refresh_host(host_status())
+    text = metrics.render().decode()
+    assert value(text, "claude_pm_host_budget_bytes") == 3072 * MIB
+    assert value(text, "claude_pm_host_reserve_bytes") == 1024 * MIB
+    assert value(text, "claude_pm_host_agents_used_bytes") == 1234.5 * MIB
+    assert value(text, "claude_pm_host_agents_requested_bytes") == 1600 * MIB
+    assert value(text, "claude_pm_host_agents_held_bytes") == 1700 * MIB
+    assert value(text, "claude_pm_queue_length") == 3
+    assert value(text, "claude_pm_queue_capacity") == 100
+    # A snapshot without some figures leaves those as they were.
+    metrics.refresh_host({"queue_length": 0})
+    metrics.refresh_host(None)
+    text = metrics.render().decode()
+    assert value(text, "claude_pm_queue_length") == 0
+    assert value(text, "claude_pm_host_budget_bytes") == 3072 * MIB
+
+    sid = "eng_aaaaaaaaaaaa"
+    metrics.refresh(
+        [{**agent(sid, 40.0), "request_mb": 512.0}, agent("qa_bbbbbbbbbbbb", 1.0)], SYSTEM
+    )
+    text = metrics.render().decode()
+    labels = {"subprocess_id": sid, "agent_type": "eng"}
+    assert value(text, "claude_pm_subprocess_request_bytes", **labels) == 512 * MIB
+    # No request_mb in the row (an older row shape): no series rather than a made-up 0.
+    qa = {"subprocess_id": "qa_bbbbbbbbbbbb", "agent_type": "qa"}
+    assert value(text, "claude_pm_subprocess_request_bytes", **qa) is None
+    metrics.observe(ev.exit_(sid, "host_pressure", agent_type="eng"))
+    assert value(metrics.render().decode(), "claude_pm_subprocess_request_bytes", **labels) is None
+
+
 # -- the HTTP endpoint -------------------------------------------------------------------------
 
 
@@ -207,7 +315,7 @@ async def metrics_server(source: FakeSupervisor) -> AsyncIterator[MetricsServer]
 
 
 async def test_http_endpoint_serves_fresh_values_and_refuses_the_rest() -> None:
-    source = FakeSupervisor(agents=[agent("eng_aaaaaaaaaaaa", 12.0)])
+    source = FakeSupervisor(agents=[agent("eng_aaaaaaaaaaaa", 12.0)], host=host_status())
     async with metrics_server(source) as server, httpx.AsyncClient() as http:
         assert server.address is not None
         base = f"http://127.0.0.1:{server.address[1]}"
@@ -227,8 +335,12 @@ async def test_http_endpoint_serves_fresh_values_and_refuses_the_rest() -> None:
             )
             == 12.0
         )
+        assert value(response.text, "claude_pm_queue_length") == 3
         source.agents = [agent("eng_aaaaaaaaaaaa", 30.0)]  # read at scrape time, not cached
+        source.host = host_status(used_mb=2900.0, queue_length=0)
         response = await http.get(f"{base}/metrics?x=1")
+        assert value(response.text, "claude_pm_host_agents_used_bytes") == 2900 * MIB
+        assert value(response.text, "claude_pm_queue_length") == 0
         assert (
             value(
                 response.text,
@@ -300,6 +412,9 @@ def busy_metrics(*, guide_names: bool) -> Metrics:
     metrics.observe(ev.launch("eng_cccccccccccc"))
     metrics.observe(ev.alert("sigterm_sent", crossed_to_term_s=0.1))
     metrics.observe(ev.exit_("x", "timeout", agent_type="eng", term_to_gone_s=1.0))
+    metrics.refresh_host(host_status())
+    metrics.observe(queue_event(EventType.QUEUED))
+    metrics.observe(shed_alert("qa_bbbbbbbbbbbb", Trigger.RESERVE))
     return metrics
 
 
@@ -349,6 +464,8 @@ RULES_TESTS = {
                 series("claude_pm_subprocess_limit_bytes", "1000x5", threshold="max", **QA),
                 series("claude_pm_kills_total", "0 0 1 1 1 1", instance=H1, reason="memory_limit"),
                 series("claude_pm_kills_total", "0x5", instance=H2, reason="memory_limit"),
+                # A shed: ClaudePMAgentsShed's, so ClaudePMAgentsKilled leaves it out.
+                series("claude_pm_kills_total", "0 0 1 1 1 1", instance=H2, reason="host_pressure"),
                 series("up", "1x5", instance=H1),
                 series("up", "1 1 0 0 0 0", instance=H2),
                 series("claude_pm_system_memory_available_bytes", "5000x10", instance=H1),
@@ -402,7 +519,92 @@ RULES_TESTS = {
                 ),
                 alert("4m", "ClaudePMSystemMemoryLow"),  # 50% available: nothing to say
             ],
-        }
+        },
+        {
+            # The host's budget and queue: h1 fills its budget, queues and sheds; h2 is calm.
+            "interval": "1m",
+            "input_series": [
+                series("claude_pm_host_budget_bytes", "1000x20", instance=H1),
+                series("claude_pm_host_agents_used_bytes", "500 950x19", instance=H1),
+                series("claude_pm_host_budget_bytes", "1000x20", instance=H2),
+                series("claude_pm_host_agents_used_bytes", "850x20", instance=H2),
+                series("claude_pm_queue_length", "0 2x11 5x8", instance=H1),
+                series("claude_pm_queue_capacity", "5x20", instance=H1),
+                series("claude_pm_queue_length", "0 1 0 1 0 1 0 1 0 1 0 1 0 1", instance=H2),
+                series("claude_pm_queue_capacity", "5x20", instance=H2),
+                series("claude_pm_sheds_total", "0 0 2 2 2x17", instance=H1, trigger="budget"),
+                series("claude_pm_sheds_total", "0x20", instance=H1, trigger="psi"),
+            ],
+            "alert_rule_test": [
+                alert("5m", "ClaudePMHostBudgetNearlyFull"),  # 95% for 4 minutes so far
+                alert(
+                    "6m",
+                    "ClaudePMHostBudgetNearlyFull",
+                    (
+                        {"severity": "warning", "job": "claude-pm", "instance": H1},
+                        {
+                            "summary": "Agents on h1:9464 use 95% of the host's memory budget",
+                            "description": "Over 100% the daemon sheds the lowest-priority "
+                            "agent. `claude-pm status` and `claude-pm queue` on that host show "
+                            "the budget, its use and what waits; raise [host] budget_mb if the "
+                            "host has room, or send fewer agents there.",
+                        },
+                    ),
+                ),
+                alert("10m", "ClaudePMLaunchesQueued"),  # waiting for 9 minutes
+                alert(
+                    "11m",
+                    "ClaudePMLaunchesQueued",
+                    (
+                        {"severity": "warning", "job": "claude-pm", "instance": H1},
+                        {
+                            "summary": "The admission queue on h1:9464 has not been empty for "
+                            "10 minutes (2 waiting)",
+                            "description": "Launches wait until the agents' memory budget has "
+                            "room for their request_mb. `claude-pm queue` on that host tells why "
+                            "each waits; lower their request_mb, raise [host] budget_mb, or move "
+                            "work to other hosts.",
+                        },
+                    ),
+                ),
+                alert("13m", "ClaudePMQueueFull"),  # just filled
+                alert(
+                    "14m",
+                    "ClaudePMQueueFull",
+                    (
+                        {"severity": "warning", "job": "claude-pm", "instance": H1},
+                        {
+                            "summary": "The admission queue on h1:9464 is full (5 waiting)",
+                            "description": "New launches there are refused with queue_full "
+                            "until some are admitted or cancelled (`claude-pm queue`, "
+                            "`claude-pm cancel`; [host] max_queued).",
+                        },
+                    ),
+                ),
+                alert(
+                    "5m",
+                    "ClaudePMAgentsShed",
+                    (
+                        {
+                            "severity": "warning",
+                            "job": "claude-pm",
+                            "instance": H1,
+                            "trigger": "budget",
+                        },
+                        {
+                            "summary": "2 agent(s) shed on h1:9464 in the last 15 minutes (budget)",
+                            "description": "The daemon stopped agents to keep the host within "
+                            "its memory budget (trigger budget: the agents over [host] "
+                            "budget_mb; reserve: available memory under [host] reserve_mb; psi: "
+                            "memory stalls over [host] pressure_psi_some_avg10). `claude-pm "
+                            'events` there names them; those with on_pressure = "requeue" run '
+                            "again once there is room.",
+                        },
+                    ),
+                ),
+                alert("19m", "ClaudePMAgentsShed"),  # the sheds are over 15 minutes old
+            ],
+        },
     ],
 }
 
@@ -421,7 +623,8 @@ def test_rules_file_passes_promtool_and_its_alerts_fire(tmp_path: Path) -> None:
 
 def dashboard_queries() -> list[str]:
     dashboard = json.loads(DASHBOARD.read_text())
-    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    # Rows (panel type "row") only group the panels below them: no queries of their own.
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
     exprs += [a["expr"] for a in dashboard["annotations"]["list"]]
     return exprs
 
@@ -435,6 +638,27 @@ def test_dashboard_uses_only_metrics_the_daemon_serves() -> None:
         used |= set(re.findall(r"\b(?:claude_pm|process)_[a-z_]+\b", expr))
     assert used, "the dashboard has queries"
     assert used <= served, used - served
+
+
+def test_dashboard_panels_are_consistent() -> None:
+    """Unique ids, no two panels on the same cells, every query on the chosen data source."""
+    panels = json.loads(DASHBOARD.read_text())["panels"]
+    assert len({p["id"] for p in panels}) == len(panels)
+    cells: set[tuple[int, int]] = set()
+    for panel in panels:
+        pos = panel["gridPos"]
+        mine = {
+            (x, y)
+            for x in range(pos["x"], pos["x"] + pos["w"])
+            for y in range(pos["y"], pos["y"] + pos["h"])
+        }
+        assert pos["x"] + pos["w"] <= 24, panel["title"]
+        assert not mine & cells, panel["title"]
+        cells |= mine
+        if panel["type"] != "row":
+            assert panel["targets"], panel["title"]
+            assert panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"}
+            assert all(t["datasource"] == panel["datasource"] for t in panel["targets"])
 
 
 # -- a real Prometheus -------------------------------------------------------------------------
@@ -555,6 +779,10 @@ async def test_prometheus_scrapes_the_daemon(home: Home, short_tmp: Path) -> Non
             assert up["value"][1] == "1"
             (scan,) = await prometheus.query(http, "claude_pm_sample_duration_seconds")
             assert 0 < float(scan["value"][1]) < 1.0
+            # The budget the daemon resolved from the host (no [host] budget_mb given).
+            (budget,) = await prometheus.query(http, "claude_pm_host_budget_bytes")
+            host = (await client.status())["host"]
+            assert float(budget["value"][1]) == host["budget_mb"] * MIB
 
             # A hog killed at max_mb: the kill is counted, and its series end with it.
             hog = (
@@ -594,6 +822,10 @@ async def test_prometheus_scrapes_the_daemon(home: Home, short_tmp: Path) -> Non
                 "ClaudePMAgentNearLimit",
                 "ClaudePMAgentsKilled",
                 "ClaudePMDaemonDown",
+                "ClaudePMHostBudgetNearlyFull",
+                "ClaudePMLaunchesQueued",
+                "ClaudePMQueueFull",
+                "ClaudePMAgentsShed",
             }
             assert all(r["health"] != "err" for g in rules for r in g["rules"])
             for expr in dashboard_queries():
@@ -613,15 +845,65 @@ async def test_prometheus_scrapes_the_daemon(home: Home, short_tmp: Path) -> Non
         daemon.close()
 
 
+async def test_the_daemon_serves_its_budget_and_queue(home: Home) -> None:
+    """A real daemon with a 600 MB budget: one 500 MB launch runs, the next waits; the
+    scrape shows the budget, the request, the queue and its events as they happen."""
+    limits = {"warning_mb": 500, "critical_mb": 600, "max_mb": 700}
+    write_config(home, limits, metrics={"listen": "127.0.0.1:0"}, host={"budget_mb": 600})
+    daemon = DaemonProcess(home).start()
+    sleeper = ["/bin/sh", "-c", "exec sleep 30"]
+    try:
+        url = f"http://127.0.0.1:{await metrics_port(home)}/metrics"
+        async with httpx.AsyncClient(timeout=10) as http, daemon.async_client() as client:
+            first = (await client.launch("big", sleeper, request_mb=500))["subprocess_id"]
+            waiting = await client.launch("big", sleeper, request_mb=500)
+            assert waiting["queued"]
+            text = (await http.get(url)).text
+            host = (await client.status())["host"]
+            assert value(text, "claude_pm_host_budget_bytes") == 600 * MIB
+            assert value(text, "claude_pm_host_reserve_bytes") == host["reserve_mb"] * MIB
+            assert value(text, "claude_pm_host_agents_requested_bytes") == 500 * MIB
+            assert value(text, "claude_pm_host_agents_held_bytes") == 500 * MIB
+            used = value(text, "claude_pm_host_agents_used_bytes")
+            assert used is not None
+            assert 0 <= used < 50 * MIB  # a shell's sleep
+            assert value(text, "claude_pm_queue_length") == 1
+            assert value(text, "claude_pm_queue_capacity") == host["max_queued"]
+            assert value(text, "claude_pm_queue_events_total", event="queued") == 1
+            labels = {"subprocess_id": first, "agent_type": "big"}
+            assert value(text, "claude_pm_subprocess_request_bytes", **labels) == 500 * MIB
+
+            await client.cancel(waiting["subprocess_id"])
+            with anyio.fail_after(5):  # the counter follows the bus; the gauge is read now
+                while True:
+                    text = (await http.get(url)).text
+                    if value(text, "claude_pm_queue_events_total", event="cancelled") == 1:
+                        break
+                    await anyio.sleep(0.05)
+            assert value(text, "claude_pm_queue_length") == 0
+            assert value(text, "claude_pm_queue_events_total", event="admitted") == 0
+            assert value(text, "claude_pm_sheds_total", trigger="budget") == 0
+            await client.kill(first)
+    finally:
+        daemon.close()
+
+
 def test_timing_fields_are_optional_and_every_alert_and_kill_series_starts_at_zero() -> None:
-    """Events without timing figures leave the histogram empty; every alert kind and every
-    kill reason exists from the start, so increase() sees its first step from 0."""
+    """Events without timing figures leave the histogram empty; every alert kind, kill
+    reason, shed trigger and queue event exists from the start, so increase() sees its first
+    step from 0."""
     metrics = Metrics()
     text = metrics.render().decode()
     for kind in AlertKind:
         assert value(text, "claude_pm_alerts_total", event=kind.value, level=kind.level.name) == 0
-    for reason in ("memory_limit", "timeout", "oom_killed"):
+    kills = {r.value for r in EndReason if r.aborted}
+    assert kills == {"memory_limit", "timeout", "oom_killed", "host_pressure"}
+    for reason in kills:
         assert value(text, "claude_pm_kills_total", reason=reason) == 0
+    for trigger in Trigger:
+        assert value(text, "claude_pm_sheds_total", trigger=trigger.value) == 0
+    for event in ("queued", "admitted", "cancelled"):
+        assert value(text, "claude_pm_queue_events_total", event=event) == 0
     metrics.observe(ev.alert("sigterm_sent"))
     metrics.observe(ev.exit_("a_aaaaaaaaaaaa", "memory_limit"))
     text = metrics.render().decode()

@@ -126,6 +126,72 @@ def test_screen_fits_80_columns_with_the_worst_agent_first() -> None:
     assert "engineer_3f9a0c12b7de" not in model.agents
 
 
+STATUS = {
+    "daemon": {"pid": 42, "uptime_s": 125},
+    "monitoring": "enabled",
+    "system_memory": {"total_mb": 16000, "available_mb": 6120.3, "percent": 61.5},
+}
+HOST = {
+    "budget_mb": 3072.0,
+    "reserve_mb": 1600.0,
+    "used_mb": 1234.4,
+    "requested_mb": 1600.0,
+    "held_mb": 1700.0,
+    "free_mb": 1372.0,
+    "queue_length": 3,
+    "max_queued": 100,
+    "shedding": None,
+    "sheds": {"budget": 1, "psi": 1},
+    "kernel_ceiling": True,
+}
+
+
+def test_the_budget_line_sits_under_system_memory() -> None:
+    model = TopModel(host="build-7")
+    model.apply_status({**STATUS, "host": HOST})
+    model.apply_stats([stats("engineer_3f9a0c12b7de", 120.0)], now=0.0)
+    lines = screen(model)
+    assert all(len(line) <= 80 for line in lines)
+    at = next(n for n, line in enumerate(lines) if "MB available of 16000 MB" in line)
+    assert lines[at + 1] == "budget 3072 MB  used 1234 MB  requested 1600 MB  queue 3  sheds 2"
+    assert lines[at + 2].startswith("SUBPROCESS_ID ")
+
+    # While an agent is being shed the line says so (its alert below names it); on a
+    # narrow terminal the line is cut at the edge, never wrapped.
+    host = {**HOST, "shedding": "code-reviewer_0123456789ab", "queue_length": 12}
+    model.apply_status({**STATUS, "host": host})
+    (line,) = [line for line in screen(model) if line.startswith("budget ")]
+    assert line == "budget 3072 MB  used 1234 MB  requested 1600 MB  queue 12  sheds 2  shedding"
+    (line,) = [line for line in screen(model, width=60) if line.startswith("budget ")]
+    assert line == "budget 3072 MB  used 1234 MB  requested 1600 MB  queue 12  …"
+
+    # A daemon from before the budget: no line, the rest as before.
+    model.apply_status(STATUS)
+    lines = screen(model)
+    assert not [line for line in lines if line.startswith("budget ")]
+    at = next(n for n, line in enumerate(lines) if "MB available of 16000 MB" in line)
+    assert lines[at + 1].startswith("SUBPROCESS_ID ")
+
+
+def test_queue_events_show_as_they_happen() -> None:
+    model = TopModel(host="build-7")
+    model.apply_status({**STATUS, "host": HOST})
+    waiting = {"subprocess_id": "eng_aaaaaaaaaaaa", "timestamp": "2026-11-26T14:02:59+00:00"}
+    reason = "needs 500 MB; 100 MB of the 600 MB budget is free"
+    model.apply_event({**waiting, "type": "queued", "position": 2, "reason": reason})
+    model.apply_event({**waiting, "type": "admitted", "pid": 4711, "reason": "fits the budget"})
+    model.apply_event({**waiting, "type": "launch"})
+    gone = {"subprocess_id": "eng_bbbbbbbbbbbb", "timestamp": "2026-11-26T14:03:01+00:00"}
+    model.apply_event({**gone, "type": "cancelled", "reason": "cancelled by uid 0"})
+    assert list(model.events) == [
+        f"14:02:59 eng_aaaaaaaaaaaa queued at position 2: {reason}",
+        "14:02:59 eng_aaaaaaaaaaaa launched",  # admitted: its launch says it
+        "14:03:01 eng_bbbbbbbbbbbb left the queue: cancelled by uid 0",
+    ]
+    text = "\n".join(screen(model))
+    assert "eng_aaaaaaaaaaaa queued at position 2: needs 500 MB" in text
+
+
 # -- the real thing ------------------------------------------------------------------------------
 
 
@@ -203,6 +269,9 @@ async def test_top_in_tmux_shows_two_agents_and_quits_on_q(
         assert "SUBPROCESS_ID" in text
         assert re.search(r"memory .*\d+\.\d% used", text)
         assert re.search(r"agents 2 ", text)
+        # The host's budget from the real `status`, under system memory; nothing queued.
+        budget = r"^budget \d+ MB  used \d+ MB  requested \d+ MB  queue 0  sheds 0$"
+        assert re.search(budget, text, re.MULTILINE)
         assert re.match(rf"{qa} +qa-bot +1 +1\d\d\.\d +1\d\d\.\d WARNING ", row(lines, qa))
         # The grower's sparkline rises and it gets an estimate of its time to 200 MB.
         lines = await wait_screen(

@@ -23,7 +23,9 @@ from supervisord.config.settings import Config, load_config
 from supervisord.core.clock import timestamps
 from supervisord.core.errors import ConfigError
 from supervisord.core.events import Event
+from supervisord.core.kinds import AlertKind
 from supervisord.observe.webhooks import (
+    SEVERITY,
     Notice,
     Notifier,
     Throttle,
@@ -462,3 +464,12 @@ async def test_hanging_and_failing_webhooks_do_not_delay_a_kill(
     # The hanging webhook's queue (2) overflowed while it was held; the overflow was logged.
     assert daemon_log(home, "webhook_queue_full")
     assert not any("127.0.0.1" in json.dumps(r) for r in failed)  # URLs may hold secrets
+
+
+def test_every_alert_kind_has_a_severity_and_a_shed_is_posted_as_a_kill() -> None:
+    assert set(SEVERITY) == set(AlertKind)
+    throttle = Throttle(group_wait_s=0.0, rate_limit_s=60.0)
+    throttle.offer(alert("memory_critical", sid="batch_0123456789ab"), now=0.0)
+    throttle.offer(alert("host_pressure", sid="batch_0123456789ab"), now=0.0)
+    (notice,) = throttle.due(0.0)
+    assert notice.alert.kind is AlertKind.HOST_PRESSURE

@@ -1,10 +1,11 @@
 """Prometheus metrics: a registry fed by the supervisor's events, served over plain HTTP.
 
-Counters and the escalation histogram follow the event bus (every alert and exit passes
-through it); gauges are refreshed from ``Supervisor.stats()`` when a scrape arrives, so they
-are exactly current at scrape time and nothing is computed while nobody scrapes. The refresh
-runs on the event loop (the only place agent state may be read); rendering the exposition
-runs in a worker thread, so a large scrape never holds up sampling or enforcement.
+Counters and the escalation histogram follow the event bus (every alert, exit and queue
+event passes through it); gauges are refreshed from ``Supervisor.stats()`` and
+``Supervisor.host_status()`` when a scrape arrives, so they are exactly current at scrape
+time and nothing is computed while nobody scrapes. The refresh runs on the event loop (the
+only place agent state may be read); rendering the exposition runs in a worker thread, so a
+large scrape never holds up sampling or enforcement.
 
 The HTTP side is ``metrics_http``.
 """
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from contextlib import suppress
-from typing import Any, Protocol
+from typing import Any, Protocol, assert_never
 
 import anyio
 import structlog
@@ -31,8 +32,9 @@ from prometheus_client import (
 
 from supervisord import __version__
 from supervisord.config.settings import Config
-from supervisord.core.events import AlertEvent, Event, ExitEvent, LaunchEvent
-from supervisord.core.kinds import AlertKind, EndReason, Level
+from supervisord.core.budget import Trigger
+from supervisord.core.events import AlertEvent, Event, ExitEvent, LaunchEvent, QueueEvent
+from supervisord.core.kinds import AlertKind, EndReason, EventType, Level
 from supervisord.core.units import MIB
 from supervisord.host.sysmem import SystemMemory, system_memory
 from supervisord.supervise.bus import Broadcaster
@@ -43,6 +45,8 @@ AGENT_LABELS = ("subprocess_id", "agent_type")
 THRESHOLDS = ("warning_mb", "critical_mb", "max_mb")
 # From a fast kill (tens of ms) to a stubborn tree that waits out a long grace period.
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+QUEUE_EVENTS = (EventType.QUEUED, EventType.ADMITTED, EventType.CANCELLED)
+UNKNOWN_TRIGGER = "unknown"
 
 
 class StatsSource(Protocol):
@@ -52,6 +56,8 @@ class StatsSource(Protocol):
     config: Config
 
     def stats(self) -> list[dict[str, Any]]: ...
+
+    def host_status(self) -> dict[str, Any]: ...
 
 
 class Metrics:
@@ -98,6 +104,12 @@ class Metrics:
             AGENT_LABELS,
             registry=r,
         )
+        self.request = Gauge(
+            "claude_pm_subprocess_request_bytes",
+            "What the agent is taken to need of the host's budget (its request_mb)",
+            AGENT_LABELS,
+            registry=r,
+        )
         self.agents = Gauge("claude_pm_subprocesses", "Number of live agents", registry=r)
         self.guide_memory: Gauge | None = None
         self.guide_count: Gauge | None = None
@@ -129,6 +141,52 @@ class Metrics:
             "1 when memory alerts and signals are enabled, 0 when only sampling",
             registry=r,
         )
+        self.host_budget = Gauge(
+            "claude_pm_host_budget_bytes",
+            "Memory budget of every agent together ([host] budget_mb)",
+            registry=r,
+        )
+        self.host_reserve = Gauge(
+            "claude_pm_host_reserve_bytes",
+            "Available memory the host keeps for itself; below it agents are shed",
+            registry=r,
+        )
+        self.host_used = Gauge(
+            "claude_pm_host_agents_used_bytes",
+            "Memory of every agent's tree together, now",
+            registry=r,
+        )
+        self.host_requested = Gauge(
+            "claude_pm_host_agents_requested_bytes",
+            "What the running agents requested of the budget, together",
+            registry=r,
+        )
+        self.host_held = Gauge(
+            "claude_pm_host_agents_held_bytes",
+            "What the running agents hold of the budget: each the larger of its use and request",
+            registry=r,
+        )
+        self.queue_length = Gauge(
+            "claude_pm_queue_length", "Launches waiting in the admission queue", registry=r
+        )
+        self.queue_capacity = Gauge(
+            "claude_pm_queue_capacity",
+            "Launches the admission queue holds at most ([host] max_queued)",
+            registry=r,
+        )
+        self.sheds = Counter(
+            "claude_pm_sheds",
+            "Agents shed to keep the host within its memory budget, by trigger "
+            "(budget, reserve, psi): one per host_pressure alert",
+            ("trigger",),
+            registry=r,
+        )
+        self.queue_events = Counter(
+            "claude_pm_queue_events",
+            "Admission queue events: queued, admitted, cancelled",
+            ("event",),
+            registry=r,
+        )
         self.alerts = Counter(
             "claude_pm_alerts",
             "Alerts written to memory-alerts.log, by event and level",
@@ -137,7 +195,7 @@ class Metrics:
         )
         self.kills = Counter(
             "claude_pm_kills",
-            "Agents the daemon ended for memory or time (reason: memory_limit, timeout, ...)",
+            "Agents the daemon ended for memory, time or host pressure (reason: memory_limit, ...)",
             ("reason",),
             registry=r,
         )
@@ -148,6 +206,10 @@ class Metrics:
         for reason in EndReason:
             if reason.aborted:
                 self.kills.labels(reason.value)
+        for trigger in Trigger:
+            self.sheds.labels(trigger.value)
+        for queue_event in QUEUE_EVENTS:
+            self.queue_events.labels(queue_event.value)
         self.launched = Counter(
             "claude_pm_agents_launched", "Agents launched", ("agent_type",), registry=r
         )
@@ -181,6 +243,9 @@ class Metrics:
                 self.launched.labels(event.agent_type).inc()
             case AlertEvent():
                 self.alerts.labels(event.kind.value, event.level.name).inc()
+                if event.kind is AlertKind.HOST_PRESSURE:
+                    # Each shed is announced by exactly one host_pressure alert.
+                    self.sheds.labels(_trigger(event.host)).inc()
                 # The first signal carries it: SIGTERM, or SIGKILL when term_grace_s is 0. A
                 # SIGKILL after the grace repeats the same figure and must not count twice.
                 crossed = event.crossed_to_term_s
@@ -194,6 +259,10 @@ class Metrics:
                 if event.term_to_gone_s is not None:
                     self.latency.labels("term_to_gone").observe(event.term_to_gone_s)
                 self._forget(event.subprocess_id)
+            case QueueEvent():
+                self.queue_events.labels(event.type.value).inc()
+            case _:  # A new kind of event must be counted here: mypy says so.
+                assert_never(event)
 
     # -- gauges -----------------------------------------------------------------------------
 
@@ -218,6 +287,9 @@ class Metrics:
             if self.guide_memory is not None:
                 self.guide_memory.labels(sid, agent_type).set(current_mb)
             self.peak.labels(sid, agent_type).set(float(agent["peak_mb"]) * MIB)
+            request_mb = _number(agent.get("request_mb"))
+            if request_mb is not None:
+                self.request.labels(sid, agent_type).set(request_mb * MIB)
             level = Level.__members__.get(str(agent.get("level")), Level.OK)
             self.level.labels(sid, agent_type).set(level.value)
             self.processes.labels(sid, agent_type).set(
@@ -239,6 +311,29 @@ class Metrics:
         if sample_s is not None:
             self.sample_s.set(sample_s)
 
+    def refresh_host(self, host: Mapping[str, Any] | None) -> None:
+        """Set the budget and queue gauges from a ``host_status()`` snapshot; a figure it
+        lacks keeps its last value."""
+        if not host:
+            return
+        for gauge, key in (
+            (self.host_budget, "budget_mb"),
+            (self.host_reserve, "reserve_mb"),
+            (self.host_used, "used_mb"),
+            (self.host_requested, "requested_mb"),
+            (self.host_held, "held_mb"),
+        ):
+            mb = _number(host.get(key))
+            if mb is not None:
+                gauge.set(mb * MIB)
+        for gauge, key in (
+            (self.queue_length, "queue_length"),
+            (self.queue_capacity, "max_queued"),
+        ):
+            count = _number(host.get(key))
+            if count is not None:
+                gauge.set(count)
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
@@ -247,7 +342,7 @@ class Metrics:
         agent_type = self._agents.pop(sid, None)
         if agent_type is None:
             return
-        gauges = [self.memory, self.peak, self.level, self.processes]
+        gauges = [self.memory, self.peak, self.level, self.processes, self.request]
         if self.guide_memory is not None:
             gauges.append(self.guide_memory)
         for gauge in gauges:
@@ -265,6 +360,14 @@ def _number(value: Any) -> float | None:
     return None
 
 
+def _trigger(host: Mapping[str, Any] | None) -> str:
+    """The trigger of a host_pressure alert's figures, kept to the known few label values."""
+    try:
+        return Trigger(str((host or {}).get("trigger"))).value
+    except ValueError:
+        return UNKNOWN_TRIGGER
+
+
 def refresh_from(metrics: Metrics, source: StatsSource) -> None:
     """Snapshot the supervisor into the gauges; call on the event loop, never from a thread."""
     metrics.refresh(
@@ -273,6 +376,7 @@ def refresh_from(metrics: Metrics, source: StatsSource) -> None:
         sample_s=_number(getattr(source, "last_sample_s", None)),
         monitoring=source.config.limits.enabled,
     )
+    metrics.refresh_host(source.host_status())
 
 
 async def follow(

@@ -1,8 +1,9 @@
 """``claude-pm top``: a live terminal view of system memory and every agent.
 
-The view is built from two connections to the daemon: ``subscribe`` (launches, alerts and
-exits, shown as they happen, and each one triggers a fresh poll) and a poll of ``stats`` and
-``status`` every ``interval_s``. Everything on screen is laid out by hand in plain lines that
+The view is built from two connections to the daemon: ``subscribe`` (launches, alerts, exits
+and the admission queue's events, shown as they happen, and each one triggers a fresh poll)
+and a poll of ``stats`` and ``status`` (system memory, and the host's budget and queue) every
+``interval_s``. Everything on screen is laid out by hand in plain lines that
 fit the terminal's width (80 columns is the design target, so it works over ssh); rich does
 the colours and the full-screen redraw. ``q`` quits; so does Ctrl-C.
 
@@ -124,6 +125,12 @@ class TopModel:
             how = event.get("signal") or f"exit {event.get('exit_code')}"
             self.events.append(f"{clock} {sid} ended: {event.get('reason')} ({how})")
             self.agents.pop(sid, None)
+        elif kind == EventType.QUEUED:
+            where = f" at position {event['position']}" if event.get("position") else ""
+            self.events.append(f"{clock} {sid} queued{where}: {event.get('reason')}")
+        elif kind == EventType.CANCELLED:
+            self.events.append(f"{clock} {sid} left the queue: {event.get('reason')}")
+        # ADMITTED shows no line: the admitted agent's launch event follows it at once.
 
 
 def _clock(timestamp: Any) -> str:
@@ -203,7 +210,7 @@ def _bar(percent: float, width: int) -> Text:
 def render(model: TopModel, width: int, height: int) -> Group:
     """The whole screen as lines no wider than ``width``."""
     width = max(width, 40)
-    lines: list[Text] = [_title(model, width), *_memory(model, width)]
+    lines: list[Text] = [_title(model, width), *_memory(model, width), *_budget(model, width)]
     rows = sorted(
         model.agents.values(),
         key=lambda a: (-_LEVEL_ORDER.get(a.status, 0), -a.current_mb, a.subprocess_id),
@@ -263,6 +270,29 @@ def _memory(model: TopModel, width: int) -> list[Text]:
         f"{system.get('available_mb', 0):.0f} MB available of {system.get('total_mb', 0):.0f} MB"
     )
     return [line, Text(_cell(f"{agents}   {detail}", width, False).rstrip())]
+
+
+def _budget(model: TopModel, width: int) -> list[Text]:
+    """The host's budget for every agent together, from ``status``'s ``host`` (none from a
+    daemon without one)."""
+    host = (model.status or {}).get("host")
+    if not isinstance(host, Mapping):
+        return []
+    sheds = host.get("sheds")
+    shed_count = sum(sheds.values()) if isinstance(sheds, Mapping) else 0
+    parts = [
+        f"budget {_number(host.get('budget_mb')) or 0:.0f} MB",
+        f"used {_number(host.get('used_mb')) or 0:.0f} MB",
+        f"requested {_number(host.get('requested_mb')) or 0:.0f} MB",
+        f"queue {host.get('queue_length', 0)}",
+        f"sheds {shed_count}",
+    ]
+    # Which agent: the host_pressure alert below names it (an id would not fit 80 columns).
+    shedding = host.get("shedding")
+    if shedding:
+        parts.append("shedding")
+    style = "bold red" if shedding else "yellow" if host.get("queue_length") else ""
+    return [Text(_cell("  ".join(parts), width, False).rstrip(), style=style)]
 
 
 def _row(view: AgentView, widths: list[int], spark_w: int, width: int) -> Text:

@@ -53,6 +53,7 @@ SEVERITY = {
     AlertKind.SIGTERM_SENT: KILL,
     AlertKind.SIGKILL_SENT: KILL,
     AlertKind.OOM_KILL: KILL,
+    AlertKind.HOST_PRESSURE: KILL,  # a shed stops an agent
 }
 MAX_BACKOFF_S = 30.0
 CLOSE_TIMEOUT_S = 1.0
