@@ -32,7 +32,7 @@ from supervisord.core.clock import timestamps
 from supervisord.core.errors import ConfigError, DaemonAlreadyRunning
 from supervisord.core.history import PeakHistory
 from supervisord.core.records import AgentRecord
-from supervisord.host import statefile, statshistory
+from supervisord.host import reaper, statefile, statshistory
 from supervisord.host.cgroup.backstop import Backstop
 from supervisord.host.cgroup.detect import detect, group_name
 from supervisord.observe import metrics_http, webhooks
@@ -304,6 +304,7 @@ def open_backstop(
 
 async def _signals(daemon: Daemon) -> None:
     with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        reaper.quiet_wakeup_fd()  # each receiver opened sets the wakeup fd anew
         async for signum in signals:
             if signum == signal.SIGHUP:
                 with suppress(ConfigError):

@@ -78,17 +78,25 @@ class DaemonProcess:
     def socket(self) -> Path:
         return self.home.default_socket
 
+    @property
+    def stderr_path(self) -> Path:
+        # Beside the home, not in it: tests remove and recreate the home's directories.
+        return self.home.root.parent / "daemon.stderr"
+
     def start(self, timeout_s: float = 15.0) -> DaemonProcess:
-        self.proc = subprocess.Popen(
-            [PYTHON, "-m", "supervisord", "daemon"],
-            env=self.env,
-            stdin=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
+        self.home.root.parent.mkdir(parents=True, exist_ok=True)
+        # A file, not a pipe nobody reads while the daemon runs: a full pipe blocks the daemon.
+        with open(self.stderr_path, "ab") as stderr:
+            self.proc = subprocess.Popen(
+                [PYTHON, "-m", "supervisord", "daemon"],
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                stderr=stderr,
+            )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                err = self.proc.stderr.read().decode() if self.proc.stderr else ""
+                err = self.stderr_path.read_text(errors="replace")
                 raise AssertionError(f"daemon exited with {self.proc.returncode}: {err}")
             try:
                 with Client(self.socket, timeout_s=2) as client:
@@ -124,8 +132,6 @@ class DaemonProcess:
 
     def close(self) -> None:
         self.stop()
-        if self.proc is not None and self.proc.stderr is not None:
-            self.proc.stderr.close()
 
 
 @pytest.fixture
