@@ -24,7 +24,7 @@ DEFAULT_LIMITS = {
     "term_grace_s": 5.0,
     "timeout_s": None,
     "enabled": True,
-    "metric": "rss",
+    "metric": "auto",
     "predict_s": None,
 }
 

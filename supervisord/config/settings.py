@@ -277,7 +277,7 @@ def _apply_limits(base: Limits, values: Mapping[str, Any], where: str) -> Limits
             changes[key] = boolean(name, value)
         elif key == "metric":
             if value not in METRICS:
-                raise ConfigError(f"{name} = {value!r} is not allowed; use 'rss' or 'pss'")
+                raise ConfigError(f"{name} = {value!r} is not allowed; use 'auto', 'rss' or 'pss'")
             changes[key] = value
         elif key in ("timeout_s", "predict_s") and value is None:
             changes[key] = None
@@ -345,7 +345,7 @@ DEFAULT_DOCUMENT: dict[str, Any] = {
         "check_interval_s": 2,
         "term_grace_s": 5,
         "enabled": True,
-        "metric": "rss",
+        "metric": "auto",
     },
     "daemon": {"log_max_bytes": 100 * 1024 * 1024, "log_backups": 5},
     "agents": {"engineer": {"command": ["claude", "-p", "{task}"]}},

@@ -8,8 +8,11 @@ from typing import Any, Literal
 from supervisord.core.errors import ConfigError
 from supervisord.core.validate import positive
 
-Metric = Literal["rss", "pss"]
-METRICS: tuple[Metric, ...] = ("rss", "pss")
+# "auto": the working set of the agent's memory cgroup where it has one, else "rss".
+Metric = Literal["auto", "rss", "pss"]
+METRICS: tuple[Metric, ...] = ("auto", "rss", "pss")
+# What a sample measured: "auto" resolves to one of the others, agent by agent.
+Measured = Literal["working_set", "rss", "pss"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,7 +25,7 @@ class Limits:
     term_grace_s: float = 5.0
     timeout_s: float | None = None
     enabled: bool = True
-    metric: Metric = "rss"
+    metric: Metric = "auto"
     # Warn when, at the current growth rate, max_mb is this few seconds away (None: never).
     predict_s: float | None = None
 
@@ -41,7 +44,7 @@ class Limits:
             )
         if self.metric not in METRICS:
             raise ConfigError(
-                f"{where}.metric = {self.metric!r} is not allowed; use 'rss' or 'pss'"
+                f"{where}.metric = {self.metric!r} is not allowed; use 'auto', 'rss' or 'pss'"
             )
         return self
 

@@ -6,6 +6,12 @@ membership is remembered by (pid, start time) from sample to sample, and a new o
 was never seen is attributed by the ``CLAUDE_PM_SUBPROCESS_ID`` variable every agent
 inherits.
 
+What is measured is the root's ``metric``: "auto" (the default) is the working set of the
+agent's memory cgroup (its charge less the inactive file cache, see ``host/cgroup/memstat``),
+read from two kept-open files, and the RSS sum where the agent has no group; "rss" sums the
+members' resident sizes (shared pages once per process: an upper bound), "pss" divides shared
+pages among their sharers (computed only near a threshold: it costs a smaps_rollup each).
+
 Two ways to sample:
 - ``sample``: one scan of /proc for every tree (discovery of everything, orphans included),
   at the idle cadence;
@@ -24,7 +30,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 
 from supervisord.core.identity import MARKER_ENV, Identity
-from supervisord.core.limits import Metric
+from supervisord.core.limits import Measured, Metric
 from supervisord.core.units import MIB
 from supervisord.host import procfs
 from supervisord.host.cgroup.base import AgentCgroup
@@ -40,7 +46,7 @@ class Root:
 
     pid: int
     start: int
-    metric: Metric = "rss"
+    metric: Metric = "auto"
     # With metric "pss", PSS is computed only once the RSS sum reaches this (an upper bound).
     pss_from_mb: float = 0.0
     # The agent's memory cgroup: every process in it is in the tree, however it got away.
@@ -58,12 +64,16 @@ class Root:
 @dataclass(frozen=True, slots=True)
 class TreeSample:
     members: tuple[Identity, ...]
+    # The statm sum of the members, whatever the metric.
     rss_bytes: int
     mb: float
-    metric: Metric
+    # What ``mb`` is: "auto" became "working_set" for an agent with a cgroup, else "rss".
+    metric: Measured
     # True when the kernel's count for the agent's cgroup had not moved since the last
     # sample: the tree was not read again, and this is that last sample.
     unchanged: bool = False
+    # The cgroup's working set when that is what ``mb`` is.
+    working_set_bytes: int | None = None
 
     @property
     def pids(self) -> tuple[int, ...]:
@@ -99,6 +109,7 @@ class Sampler:
         root_pids = {root.pid for root in roots.values()}
         self._attribute_orphans(table, roots, root_pids)
         trees: dict[str, TreeSample] = {}
+        now = time.monotonic()
         for agent_id, root in roots.items():
             seeds = [root.pid] if _same(table, root.pid, root.start) else []
             seeds += [
@@ -107,7 +118,11 @@ class Sampler:
             tree = _walk(table, children, seeds, root_pids - {root.pid})
             live = [ident for ident in tree if not table[ident[0]].zombie]
             self._trees[agent_id] = set(tree)
-            trees[agent_id] = self._measure(live, root)
+            usage = _usage(root)
+            trees[agent_id] = self._measure(live, root, usage)
+            if usage is not None:
+                # The newest full read is what the fast path's idle shortcut compares with.
+                self._last[agent_id] = (usage, now, trees[agent_id])
         for agent_id in [a for a in self._trees if a not in roots]:
             del self._trees[agent_id]
         self._statm.retain({ident for tree in self._trees.values() for ident in tree})
@@ -145,7 +160,7 @@ class Sampler:
                 live = self._cgroup_members(known, root)
             else:
                 live = self._walk_children(known)
-            tree = self._measure(live, root)
+            tree = self._measure(live, root, usage)
             if len(tree.members) != len(live):
                 known.intersection_update(tree.members)
             if usage is not None:
@@ -200,7 +215,11 @@ class Sampler:
     def close(self) -> None:
         self._statm.close()
 
-    def _measure(self, live: list[Identity], root: Root) -> TreeSample:
+    def _measure(self, live: list[Identity], root: Root, usage: int | None) -> TreeSample:
+        """The members that can be read, and the tree's memory by ``root.metric``.
+
+        ``usage``: the cgroup's charge, just read (None without a group, or once it is gone).
+        """
         members: list[Identity] = []
         rss = 0
         for pid, start in live:
@@ -211,13 +230,23 @@ class Sampler:
             members.append((pid, start))
             rss += size
         mb = rss / MIB
-        metric: Metric = "rss"
-        if root.metric == "pss" and mb >= root.pss_from_mb:
-            pss = sum(procfs.pss_bytes(pid) or 0 for pid, _ in members)
-            mb, metric = pss / MIB, "pss"
+        metric: Measured = "rss"
+        working_set = None
+        if root.metric == "auto" and usage is not None:
+            working_set = _working_set(root, usage)
+        if working_set is not None:
+            mb, metric = working_set / MIB, "working_set"
+        elif root.metric == "pss" and mb >= root.pss_from_mb:
+            mb, metric = pss_bytes(pid for pid, _ in members) / MIB, "pss"
         # One order for the same tree however it was found, so unchanged trees compare equal.
         members.sort()
-        return TreeSample(members=tuple(members), rss_bytes=rss, mb=round(mb, 1), metric=metric)
+        return TreeSample(
+            members=tuple(members),
+            rss_bytes=rss,
+            mb=round(mb, 1),
+            metric=metric,
+            working_set_bytes=working_set,
+        )
 
     def _attribute_orphans(
         self, table: Mapping[int, ProcEntry], roots: Mapping[str, Root], root_pids: set[int]
@@ -252,6 +281,21 @@ def _usage(root: Root) -> int | None:
         return root.cgroup.usage_bytes()
     except OSError:
         return None
+
+
+def pss_bytes(pids: Iterable[int]) -> int:
+    """The members' proportional set sizes added up: shared pages divided among their
+    sharers. A smaps_rollup walk of every mapping, each: call it off the event loop."""
+    return sum(procfs.pss_bytes(pid) or 0 for pid in pids)
+
+
+def _working_set(root: Root, usage: int) -> int | None:
+    if root.cgroup is None:
+        return None
+    try:
+        return root.cgroup.working_set_bytes(usage)
+    except OSError:
+        return None  # removed since usage was read: the members' RSS is all there is
 
 
 def _zombie(pid: int) -> bool:

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from supervisord.core.errors import CgroupError
+from supervisord.host.cgroup.memstat import pread_key, working_set
 
 AGENT_PREFIX = "agent-"
 SHIM_NAME = "claude-pm-cgroup-shim"
@@ -142,12 +143,14 @@ class AgentCgroup(ABC):
     """One agent's memory cgroup: its limit, its usage, its members, its end.
 
     Obtain one from :meth:`CgroupManager.create` or :meth:`CgroupManager.adopt`. It keeps the
-    usage counter open (``usage_bytes`` is a single ``pread``); ``remove`` closes it.
+    usage counter and ``memory.stat`` open (each read is one ``pread``); ``remove`` closes them.
     """
 
     version: ClassVar[int]
     # Name of the usage counter, opened once and re-read with pread.
     usage_file: ClassVar[str]
+    # The memory.stat key of the inactive file cache, to subtract from usage (see memstat).
+    inactive_file_key: ClassVar[bytes]
 
     def __init__(self, path: Path, subprocess_id: str, proc_path: str) -> None:
         self.path = path
@@ -156,10 +159,13 @@ class AgentCgroup(ABC):
         self.proc_path = proc_path
         self._oom_seen = False
         self._procs_path = str(path / "cgroup.procs")  # a str: no Path arithmetic per sample
+        self._usage_fd = self._stat_fd = -1
         try:
             self._usage_fd = os.open(path / self.usage_file, os.O_RDONLY | os.O_CLOEXEC)
+            self._stat_fd = os.open(path / "memory.stat", os.O_RDONLY | os.O_CLOEXEC)
         except OSError as exc:
-            raise CgroupError(f"cannot open {path / self.usage_file}: {exc.strerror}") from exc
+            self.close()
+            raise CgroupError(f"cannot open {exc.filename}: {exc.strerror}") from exc
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.path}>"
@@ -169,6 +175,14 @@ class AgentCgroup(ABC):
     def usage_bytes(self) -> int:
         """Bytes charged to the group now: every process of the tree, page cache included."""
         return pread_int(self._usage_fd)
+
+    def working_set_bytes(self, usage: int | None = None) -> int:
+        """Usage less the inactive file cache, which reclaim takes first: the kubelet's count.
+
+        ``usage`` just read by the caller spares re-reading it.
+        """
+        usage = self.usage_bytes() if usage is None else usage
+        return working_set(usage, pread_key(self._stat_fd, self.inactive_file_key))
 
     @abstractmethod
     def set_limit(self, limit_bytes: int) -> None:
@@ -293,15 +307,16 @@ class AgentCgroup(ABC):
     # -- end --------------------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Close the kept-open counter (``remove`` does it); the group itself stays."""
-        if self._usage_fd >= 0:
-            os.close(self._usage_fd)
-            self._usage_fd = -1
+        """Close the kept-open counters (``remove`` does it); the group itself stays."""
+        for fd in (self._usage_fd, self._stat_fd):
+            if fd >= 0:
+                os.close(fd)
+        self._usage_fd = self._stat_fd = -1
 
     def remove(self, timeout_s: float = 1.0) -> bool:
         """Remove the (empty) group, retrying while the kernel still has it busy.
 
-        True once it is gone (then the kept-open counter is closed too). An eventfd registered
+        True once it is gone (then the kept-open counters are closed too). An eventfd registered
         on it fires one last time on v1: close it. Blocks up to ``timeout_s`` only while the
         last members are still exiting; open descriptors never keep a cgroup busy.
         """

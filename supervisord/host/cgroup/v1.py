@@ -20,11 +20,16 @@ from supervisord.host.cgroup import base as base
 from supervisord.host.cgroup.base import AgentCgroup, CgroupManager
 
 _EVENTFD_FLAGS = os.EFD_CLOEXEC | os.EFD_NONBLOCK
+# Usage this close to the group's limit means the group itself is at its ceiling (the kernel
+# holds usage at the limit exactly; a margin for pages charged and uncharged meanwhile).
+OWN_CEILING = 0.98
 
 
 class V1AgentCgroup(AgentCgroup):
     version = 1
     usage_file = "memory.usage_in_bytes"
+    # Hierarchical like usage_in_bytes; in a leaf (an agent group) it equals inactive_file.
+    inactive_file_key = b"total_inactive_file"
 
     def set_limit(self, limit_bytes: int) -> None:
         try:
@@ -71,8 +76,11 @@ class V1AgentCgroup(AgentCgroup):
         return efd
 
     def under_oom(self) -> bool:
+        """At its own ceiling. The kernel marks every group below one at its ceiling as
+        under OOM too (and signals their eventfds): an agent paused because all agents
+        together reached theirs is not at its own, and must not be killed as if it were."""
         oom = base.read_keyed(self.path / "memory.oom_control")
-        if oom.get("under_oom", 0):
+        if oom.get("under_oom", 0) and self.usage_bytes() >= OWN_CEILING * self.limit_bytes():
             self._oom_seen = True
             return True
         return False

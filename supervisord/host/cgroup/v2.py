@@ -45,6 +45,7 @@ def inotify_fd(*paths: Path) -> int:
 class V2AgentCgroup(AgentCgroup):
     version = 2
     usage_file = "memory.current"
+    inactive_file_key = b"inactive_file"
 
     def set_limit(self, limit_bytes: int) -> None:
         try:
