@@ -165,7 +165,7 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
 def cmd_stats(args: argparse.Namespace) -> int:
     with _client() as client:
-        result = client.stats(args.subprocess_id)
+        result = client.stats(args.subprocess_id, pss=args.pss)
     if args.json:
         _print_json(result)
     elif args.subprocess_id:

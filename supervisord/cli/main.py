@@ -121,6 +121,9 @@ def _agent_commands(add: Add) -> None:
     p.add_argument("cmd", nargs="*", metavar="-- CMD [ARG ...]")
     p = add("stats", h.cmd_stats, "statistics of all agents, or of one")
     p.add_argument("subprocess_id", nargs="?", metavar="ID")
+    p.add_argument(
+        "--pss", action="store_true", help="add each tree's PSS (reads every smaps_rollup: slow)"
+    )
     p.add_argument("--json", action="store_true")
     p = add("stop", h.cmd_stop, "stop an agent: SIGTERM its tree, SIGKILL what remains after grace")
     p.add_argument("subprocess_id", metavar="ID")

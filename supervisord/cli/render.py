@@ -97,11 +97,27 @@ def launched(result: Mapping[str, Any]) -> str:
     return f"{result['subprocess_id']} queued at position {result['position']}: {result['reason']}"
 
 
+MEMORY_FIGURES = ("measured", "rss_mb", "working_set_mb", "pss_mb")
+
+
 def agent(stats: Mapping[str, Any]) -> str:
-    lines = [f"{k}: {v}" for k, v in stats.items() if k not in ("limits", "warnings")]
+    folded = ("limits", "warnings", *MEMORY_FIGURES)
+    lines = [f"{k}: {v}" for k, v in stats.items() if k not in folded]
+    lines.append(memory_figures(stats))
     lines.append("limits: " + ", ".join(f"{k}={v}" for k, v in stats["limits"].items()))
     lines += [f"  {w}" for w in stats.get("warnings", [])]
     return "\n".join(lines)
+
+
+def memory_figures(stats: Mapping[str, Any]) -> str:
+    """``memory: rss 1768.0 MB | working set 199.0 MB | pss n/a (current_mb is the working set)``"""
+    shown = [
+        f"{name} {'n/a' if stats.get(key) is None else f'{stats[key]:.1f} MB'}"
+        for name, key in (("rss", "rss_mb"), ("working set", "working_set_mb"), ("pss", "pss_mb"))
+        if key != "pss_mb" or key in stats
+    ]
+    measured = str(stats.get("measured") or "not sampled yet").replace("_", " ")
+    return f"memory: {' | '.join(shown)} (current_mb is the {measured})"
 
 
 def record(rec: Mapping[str, Any]) -> str:

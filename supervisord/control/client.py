@@ -150,8 +150,9 @@ class Client(_Commands):
     def status(self) -> dict[str, Any]:
         return dict(self.request("status"))
 
-    def stats(self, subprocess_id: str | None = None) -> dict[str, Any]:
-        return dict(self.request("stats", subprocess_id=subprocess_id))
+    def stats(self, subprocess_id: str | None = None, *, pss: bool = False) -> dict[str, Any]:
+        """One agent's figures, or every agent's; ``pss``: add each tree's PSS (costly)."""
+        return dict(self.request("stats", subprocess_id=subprocess_id, pss=pss or None))
 
     def launch(
         self, agent_type: str, command: list[str] | None = None, **kw: Any
@@ -319,8 +320,8 @@ class AsyncClient(_Commands):
     async def status(self) -> dict[str, Any]:
         return dict(await self.request("status"))
 
-    async def stats(self, subprocess_id: str | None = None) -> dict[str, Any]:
-        return dict(await self.request("stats", subprocess_id=subprocess_id))
+    async def stats(self, subprocess_id: str | None = None, *, pss: bool = False) -> dict[str, Any]:
+        return dict(await self.request("stats", subprocess_id=subprocess_id, pss=pss or None))
 
     async def launch(
         self, agent_type: str, command: list[str] | None = None, **kw: Any

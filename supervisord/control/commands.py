@@ -7,6 +7,7 @@ import pwd
 from collections.abc import Mapping
 from typing import Any, NoReturn, Protocol
 
+import anyio
 import structlog
 
 from supervisord import __version__
@@ -18,6 +19,8 @@ from supervisord.core.errors import PermissionDenied, UsageError
 from supervisord.core.kinds import EndReason
 from supervisord.core.limits import LIMIT_KEYS
 from supervisord.core.scheduling import SCHEDULING_KEYS
+from supervisord.core.units import MIB
+from supervisord.host import sampler
 from supervisord.host.launcher import Credentials
 from supervisord.host.sysmem import system_memory
 from supervisord.supervise.admission import Queued
@@ -60,10 +63,7 @@ class Commands:
             case "status":
                 return self.status(peer)
             case "stats":
-                now = self.supervisor.clock()
-                if "subprocess_id" in args:
-                    return self._owned(args["subprocess_id"], peer, "stats", "see").stats(now)
-                return {"agents": [a.stats(now) for a in self._visible(peer)]}
+                return await self.stats(args, peer)
             case "launch":
                 return await self.launch(args, peer)
             case "stop":
@@ -101,6 +101,17 @@ class Commands:
         if denial := authz.owner_denial(peer.uid, subprocess_id, agent.owner_uid, verb):
             _deny(peer, cmd, denial)
         return agent
+
+    async def stats(self, args: Mapping[str, Any], peer: Peer) -> dict[str, Any]:
+        now = self.supervisor.clock()
+        if "subprocess_id" in args:
+            rows = [self._owned(args["subprocess_id"], peer, "stats", "see").stats(now)]
+        else:
+            rows = [a.stats(now) for a in self._visible(peer)]
+        if args.get("pss"):
+            # Seconds for a big tree: in a worker thread, so that sampling goes on meanwhile.
+            await anyio.to_thread.run_sync(_add_pss, rows)
+        return rows[0] if "subprocess_id" in args else {"agents": rows}
 
     def _visible(self, peer: Peer) -> list[Agent]:
         owner = authz.owner_filter(peer.uid)
@@ -239,3 +250,8 @@ def credentials_for(peer: Peer) -> Credentials | None:
     except KeyError:
         groups = ()
     return Credentials(uid=peer.uid, gid=peer.gid, groups=groups)
+
+
+def _add_pss(rows: list[dict[str, Any]]) -> None:
+    for row in rows:
+        row["pss_mb"] = round(sampler.pss_bytes(row["tree_pids"]) / MIB, 1)

@@ -74,7 +74,7 @@ COMMANDS: dict[str, Spec] = {
     "hello": {},
     "ping": {},
     "status": {},
-    "stats": {"subprocess_id": (("string",), False)},
+    "stats": {"subprocess_id": (("string",), False), "pss": (("boolean",), False)},
     "launch": {
         "agent_type": (("string",), True),
         "command": (("list of strings",), False),

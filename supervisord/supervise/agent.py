@@ -20,8 +20,10 @@ from supervisord.core.policy import Action, Alert
 from supervisord.core.records import AgentRecord
 from supervisord.core.scheduling import Scheduling
 from supervisord.core.tracker import Tracking
+from supervisord.core.units import MIB
 from supervisord.host.cgroup.base import AgentCgroup
 from supervisord.host.launcher import UNKNOWN_EXIT, Child, ExitStatus
+from supervisord.host.sampler import TreeSample
 from supervisord.supervise.launchplan import LaunchRequest
 
 
@@ -50,6 +52,8 @@ class Agent:
     request_mb: float = 0.0
     # The launch that started it, for a requeue (None: re-adopted without one).
     request: LaunchRequest | None = None
+    # The last sample taken of its tree (None before the first).
+    sample: TreeSample | None = None
     _entry_key: tuple[Any, ...] | None = None
     _entry: dict[str, Any] | None = None
 
@@ -132,6 +136,23 @@ class Agent:
             "priority": self.scheduling.priority,
             "on_pressure": self.scheduling.on_pressure,
             **self.projection().as_dict(),
+            **self.memory_figures(),
+        }
+
+    def memory_figures(self) -> dict[str, Any]:
+        """What ``current_mb`` measured, and the tree counted the other cheap ways: the sum
+        of its RSS (shared pages once per process) and its cgroup's working set."""
+        sample = self.sample
+        working_set = None if sample is None else sample.working_set_bytes
+        if working_set is None and self.cgroup is not None:
+            try:
+                working_set = self.cgroup.working_set_bytes()
+            except OSError:
+                working_set = None  # the group is going with the agent
+        return {
+            "measured": None if sample is None else sample.metric,
+            "rss_mb": None if sample is None else round(sample.rss_bytes / MIB, 1),
+            "working_set_mb": None if working_set is None else round(working_set / MIB, 1),
         }
 
     def projection(self) -> Projection:

@@ -225,6 +225,7 @@ class Engine:
         agent.state, agent.tracking = step.state, step.tracking
         if not step.skipped:
             agent.members = tree.members
+            agent.sample = tree
         self._carry_out(agent, step.actions)
         if agent.exit is not None and not tree.members:
             self._finish(agent)
