@@ -35,7 +35,7 @@ from supervisord.core.records import AgentRecord
 from supervisord.host import launcher
 from supervisord.host.agentlog import OutputPlace
 from supervisord.host.cgroup.backstop import Backstop
-from supervisord.host.sysmem import shared_total_mb, system_memory
+from supervisord.host.sysmem import RecentAvailable, shared_total_mb, system_memory
 from supervisord.supervise import launchplan, recovery
 from supervisord.supervise.admission import (
     Admission,
@@ -85,6 +85,7 @@ class Supervisor(Engine):
         self.guard = HostGuard()
         self._total_watch: anyio.CancelScope | None = None
         self._pressure_due = False
+        self._available = RecentAvailable()
 
     # -- commands ---------------------------------------------------------------------------
 
@@ -97,7 +98,7 @@ class Supervisor(Engine):
             never = budgeting.never_fits(self.admission.budget, waiting.request_mb)
             if never is not None:
                 self._refuse(waiting, f"launch of {request.agent_type} refused: {never}")
-            verdict = self.admission.check(waiting, self._claims(), system_memory().available_mb)
+            verdict = self.admission.check(waiting, self._claims(), self._available())
             if not verdict.fits:
                 if not request.queue:
                     refused = f"launch of {request.agent_type} refused (no queueing): it"
@@ -284,7 +285,7 @@ class Supervisor(Engine):
     async def _admit_waiting(self) -> None:
         """Start queued launches while the head of the queue fits."""
         while self.admission:
-            waiting = self.admission.next_ready(self._claims(), system_memory().available_mb)
+            waiting = self.admission.next_ready(self._claims(), self._available())
             if waiting is None:
                 return
             try:
@@ -304,7 +305,7 @@ class Supervisor(Engine):
         shed = self.guard.check(
             self.admission.budget,
             used,
-            system_memory().available_mb,
+            self._available(),
             self._claims,
             self.agents.__contains__,
         )
@@ -371,6 +372,12 @@ class Supervisor(Engine):
         self._tg.start_soon(watch)
 
     def _pressure_now(self) -> None:
+        """The kernel says every agent together just reached the budget: sample every tree
+        now (one pread each where idle), so that the shed is chosen on fresh figures, not on
+        samples up to an interval old while leakers grow."""
+        now = self.clock()
+        for agent in self.agents.values():
+            agent.next_due = min(agent.next_due, now)
         self._pressure_due = True
         self._wake.set()
 
@@ -393,7 +400,7 @@ class Supervisor(Engine):
             f"every agent together reached the kernel's ceiling above the {budget.budget_mb:g}"
             " MB budget",
             sum(agent.state.current_mb for agent in self.agents.values()),
-            system_memory().available_mb,
+            self._available(),
             None,
         )
         self.guard.shedding = order[0].subprocess_id
