@@ -1,4 +1,4 @@
-"""``python -m bench [overhead] [leak] [control] [launch] [--quick] [--json PATH]``.
+"""``python -m bench [overhead] [leak] [control] [launch] [fleet] [--quick] [--json PATH]``.
 
 Runs the chosen benchmarks (all by default) one after the other, never two at once (they
 would measure each other), prints the table and writes the JSON. A benchmark that fails is
@@ -24,7 +24,7 @@ from bench.common import (
     write_json,
 )
 
-BENCHES = ("overhead", "leak", "control", "launch")
+BENCHES = ("overhead", "leak", "control", "launch", "fleet")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,6 +7,7 @@ clients, so the suite measures whatever daemon is installed, however it works in
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -20,7 +21,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal, Self
+from typing import IO, Any, Literal, Self
 
 import tomli_w
 
@@ -270,6 +271,8 @@ class Daemon:
         self, client: Client, agent_type: str, command: Sequence[str], **kw: Any
     ) -> dict[str, Any]:
         result = client.launch(agent_type, list(command), **kw)
+        if result.get("queued"):
+            raise RuntimeError(f"launch of {agent_type} queued, not started: {result['reason']}")
         pid = int(result["pid"])
         self.roots.append((pid, start_time(pid)))
         return result
@@ -368,6 +371,8 @@ class BenchResult:
 def fmt(value: float | None) -> str:
     if value is None:
         return "n/a"
+    if isinstance(value, int):  # a count
+        return f"{value:,}"
     magnitude = abs(value)
     if magnitude >= 100:
         text = f"{value:,.0f}"
@@ -478,3 +483,50 @@ def log(message: str) -> None:
     stamp = time.strftime("%H:%M:%S")
     sys.stderr.write(f"[{stamp}] {message}\n")
     sys.stderr.flush()
+
+
+class ObserverProcess:
+    """A sampling process of the bench's own, spoken to in JSON lines over its stdin and
+    stdout: it prints ``ready`` once started, and one JSON answer per request."""
+
+    def __init__(self, argv: Sequence[str], what: str) -> None:
+        self.what = what
+        self.proc = subprocess.Popen(
+            [PYTHON, *argv],
+            env=clean_env(),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        self._stdin: IO[str] = self.proc.stdin  # type: ignore[assignment]
+        self._stdout: IO[str] = self.proc.stdout  # type: ignore[assignment]
+        if self._stdout.readline().strip() != "ready":
+            self.close()
+            raise RuntimeError(f"the {what} did not start")
+
+    def ask(self, line: str) -> dict[str, Any]:
+        """Send one line; its answer (blocks until it comes)."""
+        with contextlib.suppress(OSError):  # it may have ended: its last words are read below
+            self._stdin.write(line + "\n")
+            self._stdin.flush()
+        answer = self._stdout.readline()
+        if not answer:
+            raise RuntimeError(f"the {self.what} exited without an answer")
+        result: dict[str, Any] = json.loads(answer)
+        return result
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self._stdin.close()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+        self._stdout.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

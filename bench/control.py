@@ -32,7 +32,7 @@ from bench.common import (
     percentile,
     stop_process,
 )
-from bench.idle_tree import COMMAND, wait_complete
+from bench.idle_tree import COMMAND, REQUEST_MB, wait_complete
 from bench.overhead import MEMORY
 from supervisord.control.client import AsyncClient, Client
 
@@ -59,7 +59,7 @@ def run(quick: bool = False) -> BenchResult:
     result.details = {"plan": _plan_dict(plan)}
     with Daemon(MEMORY, "ct") as daemon, daemon.client() as client:
         for _ in range(plan.agents):
-            daemon.launch(client, "idle", COMMAND)
+            daemon.launch(client, "idle", COMMAND, request_mb=REQUEST_MB)
         wait_complete(client, plan.agents)
         canned = {"status": client.status(), "stats": client.stats()}
         canned_file = daemon.dir / "canned.json"

@@ -9,7 +9,7 @@ import time
 from typing import Any
 
 from bench.common import BenchResult, Daemon, Figure, log, percentile, wait_until
-from bench.idle_tree import COMMAND, kill_trees, popen_tree
+from bench.idle_tree import COMMAND, REQUEST_MB, kill_trees, popen_tree
 from bench.overhead import MEMORY
 
 BASELINE = "Popen loop"
@@ -23,7 +23,7 @@ def run(quick: bool = False) -> BenchResult:
         t0 = time.perf_counter()
         for _ in range(count):
             t = time.perf_counter()
-            daemon.launch(client, "idle", COMMAND)
+            daemon.launch(client, "idle", COMMAND, request_mb=REQUEST_MB)
             latencies.append((time.perf_counter() - t) * 1000)
         elapsed = time.perf_counter() - t0
         # Launch answers once the agent is spawned; the daemon must also count them all.

@@ -28,13 +28,12 @@ import json
 import os
 import select
 import signal
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from typing import IO, Any
+from typing import Any
 
-from bench.common import PYTHON, clean_env
+from bench.common import ObserverProcess
 
 INTERVAL_S = 0.01
 MIB = 1024 * 1024
@@ -58,7 +57,8 @@ def _stat(pid: int) -> tuple[str, int] | None:
     return fields[0], int(fields[19])
 
 
-def _rss_bytes(pid: int) -> int:
+def rss_bytes(pid: int) -> int:
+    """Exact resident bytes from statm; 0 once the process is gone."""
     try:
         with open(f"/proc/{pid}/statm", "rb") as f:
             return int(f.read().split()[1]) * PAGE_SIZE
@@ -111,7 +111,7 @@ class Tree:
                     self.add(child)
 
     def rss_mb(self) -> float:
-        return sum(_rss_bytes(m.pid) for m in self.alive()) / MIB
+        return sum(rss_bytes(m.pid) for m in self.alive()) / MIB
 
     def wait(self, timeout_s: float) -> None:
         """Sleep until the next sample, waking at once to note the exit of any member."""
@@ -218,21 +218,11 @@ def main() -> int:
     return 0
 
 
-class Observer:
+class Observer(ObserverProcess):
     """The bench's handle on an observer process."""
 
     def __init__(self) -> None:
-        self.proc = subprocess.Popen(
-            [PYTHON, "-m", "bench.observer"],
-            env=clean_env(),
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        self._stdin: IO[str] = self.proc.stdin  # type: ignore[assignment]
-        self._stdout: IO[str] = self.proc.stdout  # type: ignore[assignment]
-        if self._stdout.readline().strip() != "ready":
-            raise RuntimeError("the observer did not start")
+        super().__init__(["-m", "bench.observer"], "observer")
 
     def watch(
         self, pid: int, limit_mb: float, timeout_s: float, kill_above_mb: float
@@ -244,29 +234,7 @@ class Observer:
             "timeout_s": timeout_s,
             "kill_above_mb": kill_above_mb,
         }
-        self._stdin.write(json.dumps(request) + "\n")
-        self._stdin.flush()
-        line = self._stdout.readline()
-        if not line:
-            raise RuntimeError("the observer exited")
-        result: dict[str, Any] = json.loads(line)
-        return result
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self._stdin.close()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(10)
-        self._stdout.close()
-
-    def __enter__(self) -> Observer:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+        return self.ask(json.dumps(request))
 
 
 if __name__ == "__main__":

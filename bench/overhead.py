@@ -25,7 +25,7 @@ from bench.common import (
     measure_usage,
     stop_process,
 )
-from bench.idle_tree import COMMAND, PROCESSES_PER_TREE, wait_complete
+from bench.idle_tree import COMMAND, PROCESSES_PER_TREE, REQUEST_MB, wait_complete
 
 # Tiny thresholds: the launch check refuses an agent when available memory is below its
 # warning_mb, and idle trees of ~3 MB never come near any of them.
@@ -54,7 +54,9 @@ def run(quick: bool = False) -> BenchResult:
         for size in sizes:
             t0 = time.monotonic()
             while len(pids) < size:
-                pids.append(int(daemon.launch(client, "idle", COMMAND)["pid"]))
+                pids.append(
+                    int(daemon.launch(client, "idle", COMMAND, request_mb=REQUEST_MB)["pid"])
+                )
             log(f"overhead: {size} trees launched in {time.monotonic() - t0:.1f} s")
             wait_complete(client, size)
             time.sleep(warmup_s)
@@ -90,7 +92,7 @@ def _backstop_off(size: int, window_s: float, warmup_s: float, result: BenchResu
     by a /proc scan each interval, so this is the daemon's cost without cgroups."""
     with Daemon(MEMORY, "ovoff", OFF) as daemon, daemon.client() as client:
         for _ in range(size):
-            daemon.launch(client, "idle", COMMAND)
+            daemon.launch(client, "idle", COMMAND, request_mb=REQUEST_MB)
         wait_complete(client, size)
         assert client.status()["cgroups"]["in_force"] == "off"
         time.sleep(warmup_s)
