@@ -179,6 +179,7 @@ async def test_six_agents_run_as_the_budget_allows(home: Home) -> None:
             running -= 1
         most = max(most, running)
     assert most == 3, "never more running at once than fit"
+    sys.stderr.write(f"\n[budget] 6 x 400 MB under 1,200 MB: observed peak {peak[0]:.1f} MB\n")
     assert sum(e["type"] == "admitted" for e in events.seen) == 3
     assert 1_000 < peak[0] <= 1_200 * 1.05, f"observed total peak {peak[0]:.1f} MB"
     alerts = [a["event"] for a in read_jsonl(home.alerts_log)]
