@@ -157,14 +157,19 @@ def _environ(pid: int) -> bytes | None:
 
 AGENT_GROUP = "agent-"  # an agent's own cgroup; its parent holds every agent's
 PENDING = ""  # a process of the daemon's home without a marker yet (the daemon, a fork)
+UNREADABLE = "\0"  # no environment to read yet (see _classify)
+UNREADABLE_TRIES = 50  # samples (1 s) before an unreadable process counts as not ours
 
 
 def _classify(pid: int, home: bytes) -> str | None:
     """The agent id of a process of this home, PENDING if of the home but not (yet) an
-    agent's, None if not of this home (or gone)."""
+    agent's or unreadable for now, None if not of this home."""
     environ = _environ(pid)
-    if environ is None:
-        return None
+    if not environ:
+        # Unreadable or empty: a process in the middle of exec reads so (the daemon's fork
+        # becoming an agent), as do kernel threads. Looked at again (see UNREADABLE_TRIES),
+        # not taken for a stranger at once (the quick fleet once missed an agent that way).
+        return UNREADABLE
     ours, marker = False, None
     for item in environ.split(b"\0"):
         if item == HOME_VAR + home:
@@ -260,7 +265,8 @@ def observe(home: str, interval_s: float, kill_above_mb: float, timeout_s: float
     """Sample until a line (or EOF) on stdin; the fleet's figures."""
     home_b = os.fsencode(home)
     me = os.getpid()
-    known: dict[int, str | None] = {}  # pid -> agent id, PENDING, or None (not ours)
+    known: dict[int, str | None] = {}  # pid -> agent id, PENDING, UNREADABLE, None (not ours)
+    tries: dict[int, int] = {}  # pid -> samples its environment could not be read
     t_first = time.time()
     deadline = time.monotonic() + timeout_s
     samples, max_gap = 0, 0.0
@@ -278,13 +284,18 @@ def observe(home: str, interval_s: float, kill_above_mb: float, timeout_s: float
         pids = {int(name) for name in os.listdir("/proc") if name.isdigit()}
         for gone in known.keys() - pids:
             del known[gone]
+            tries.pop(gone, None)
         for pid in pids:
-            if pid != me and known.get(pid, PENDING) == PENDING:
+            if pid != me and known.get(pid, PENDING) in (PENDING, UNREADABLE):
                 known[pid] = _classify(pid, home_b)
+                if known[pid] == UNREADABLE:
+                    tries[pid] = tries.get(pid, 0) + 1
+                    if tries[pid] >= UNREADABLE_TRIES:
+                        known[pid] = None
         total = 0.0
         mine: dict[str, float] = {}
         for pid, agent in known.items():
-            if agent:
+            if agent and agent != UNREADABLE:
                 mb = rss_bytes(pid) / MIB
                 total += mb
                 mine[agent] = mine.get(agent, 0.0) + mb
@@ -337,14 +348,14 @@ def observe(home: str, interval_s: float, kill_above_mb: float, timeout_s: float
 def _kill_agents(known: dict[int, str | None], home: bytes) -> None:
     """The safety net: SIGKILL every agent process, through a pidfd of a process still ours."""
     for pid, agent in known.items():
-        if not agent:
+        if not agent or agent == UNREADABLE:
             continue
         try:
             pidfd = os.pidfd_open(pid)
         except OSError:
             continue
         try:
-            if _classify(pid, home):  # still the agent process (not a reused pid)
+            if _classify(pid, home) not in (None, PENDING, UNREADABLE):  # still the agent
                 signal.pidfd_send_signal(pidfd, signal.SIGKILL)
         except OSError:
             pass
