@@ -135,6 +135,19 @@ def queue_event(kind: EventType, sid: str = "eng_cccccccccccc") -> QueueEvent:
 # -- the registry ------------------------------------------------------------------------------
 
 
+async def seen_launch_of(metrics: Metrics, agent_type: str) -> None:
+    """Until the launch of ``agent_type``, published last, was counted: the bus is in order,
+    so everything published before it has been seen too."""
+    with anyio.fail_after(5):
+        while (
+            value(
+                metrics.render().decode(), "claude_pm_agents_launched_total", agent_type=agent_type
+            )
+            != 1
+        ):
+            await anyio.sleep(0.01)
+
+
 async def test_bus_events_drive_counters_and_the_latency_histogram() -> None:
     metrics = Metrics()
     bus: Broadcaster[Event] = Broadcaster()
@@ -245,14 +258,7 @@ async def test_sheds_by_trigger_and_queue_events_follow_the_bus() -> None:
         # Figures without a trigger the daemon knows: counted, under one bounded label value.
         bus.publish(replace(shed_alert("low_dddddddddddd", Trigger.BUDGET), host=None))
         bus.publish(ev.launch("last_eeeeeeeeeeee"))  # the bus is in order: all before it seen
-        with anyio.fail_after(5):
-            while (
-                value(
-                    metrics.render().decode(), "claude_pm_agents_launched_total", agent_type="last"
-                )
-                != 1
-            ):
-                await anyio.sleep(0.01)
+        await seen_launch_of(metrics, "last")
         tg.cancel_scope.cancel()
     text = metrics.render().decode()
     assert value(text, "claude_pm_queue_events_total", event="queued") == 2
@@ -267,6 +273,78 @@ async def test_sheds_by_trigger_and_queue_events_follow_the_bus() -> None:
     assert value(text, "claude_pm_kills_total", reason="host_pressure") == 1
     labels = {"reason": "host_pressure", "agent_type": "low"}
     assert value(text, "claude_pm_agents_finished_total", **labels) == 1
+
+
+async def test_restarts_by_type_and_reason_and_the_crossing_latency_once_per_run() -> None:
+    metrics = Metrics()
+    bus: Broadcaster[Event] = Broadcaster()
+    sid = "hog_0123456789ab"
+    async with anyio.create_task_group() as tg:
+        await tg.start(follow, metrics, bus)
+        bus.publish(ev.launch(sid))
+        for run in (1, 2):  # each run crosses max_mb: SIGTERM, then SIGKILL after the grace
+            bus.publish(ev.alert("sigterm_sent", sid, crossed_to_term_s=0.04))
+            bus.publish(ev.alert("sigkill_sent", sid, crossed_to_term_s=0.04))
+            bus.publish(ev.exit_(sid, "memory_limit", run=run, next_restart_s=0.8 * run))
+            bus.publish(ev.restart("restarting", sid, run=run, delay_s=0.8 * run))
+            bus.publish(ev.restart("restarted", sid, run=run + 1))
+        # Run 3's exit never reached this subscriber (a resubscription skips events): its
+        # `restarted` alone starts the count for run 4 afresh.
+        bus.publish(ev.alert("sigterm_sent", sid, crossed_to_term_s=0.04))
+        bus.publish(ev.restart("restarted", sid, run=4, reason="exited"))
+        bus.publish(ev.alert("sigterm_sent", sid, crossed_to_term_s=0.04))
+        # `claude-pm restart`, then a reason from a newer daemon: one bounded label value.
+        bus.publish(ev.exit_(sid, "restart", run=4, next_restart_s=0.0))
+        bus.publish(ev.restart("restarted", sid, run=5, reason="restart"))
+        bus.publish(ev.restart("restarted", sid, run=6, reason="cosmic_ray"))
+        bus.publish(ev.exit_(sid, "exited", run=6))
+        bus.publish(ev.restart("restart_limit", sid, run=6, reason="exited", exit_code=1))
+        bus.publish(ev.alert("restart_limit", sid))
+        bus.publish(ev.launch("calm_aaaaaaaaaaaa"))  # the bus is in order: all before it seen
+        await seen_launch_of(metrics, "calm")
+        tg.cancel_scope.cancel()
+    text = metrics.render().decode()
+    restarts = "claude_pm_agent_restarts_total"
+    assert value(text, restarts, agent_type="hog", reason="memory_limit") == 2
+    assert value(text, restarts, agent_type="hog", reason="exited") == 1
+    assert value(text, restarts, agent_type="hog", reason="restart") == 1
+    assert value(text, restarts, agent_type="hog", reason="unknown") == 1
+    # Every reason that can bring a run back exists at 0 from the type's first restart event.
+    assert value(text, restarts, agent_type="hog", reason="timeout") == 0
+    assert value(text, restarts, agent_type="hog", reason="stopped") is None
+    assert value(text, "claude_pm_agent_restart_limit_total", agent_type="hog") == 1
+    assert value(text, "claude_pm_alerts_total", event="restart_limit", level="CRITICAL") == 1
+    # A type that never restarted: its limit series at 0 from its launch, no restart series.
+    assert value(text, "claude_pm_agent_restart_limit_total", agent_type="calm") == 0
+    assert names_with_label(text, "agent_type", "calm") == {
+        "claude_pm_agents_launched_total",
+        "claude_pm_agent_restart_limit_total",
+    }
+    # Runs 1, 2, 3 and 4 each had their first signal counted, and only that one.
+    hist = "claude_pm_escalation_latency_seconds"
+    assert value(text, f"{hist}_count", phase="crossed_to_term") == 4
+    finished = "claude_pm_agents_finished_total"
+    assert value(text, finished, reason="memory_limit", agent_type="hog") == 2
+    assert value(text, finished, reason="restart", agent_type="hog") == 1
+    assert value(text, "claude_pm_kills_total", reason="memory_limit") == 2
+    assert value(text, "claude_pm_kills_total", reason="restart") is None  # asked for, no kill
+
+
+def test_an_agents_series_go_between_runs_and_come_back_with_the_next() -> None:
+    metrics = Metrics()
+    sid = "eng_aaaaaaaaaaaa"
+    labels = {"subprocess_id": sid, "agent_type": "eng"}
+    metrics.refresh([{**agent(sid, 180.0, "CRITICAL"), "run": 1, "restarts": 0}], SYSTEM)
+    metrics.observe(ev.exit_(sid, "memory_limit", agent_type="eng", next_restart_s=1.0))
+    metrics.observe(ev.restart("restarting", sid, delay_s=1.0))
+    # Between runs the agent has no tree: no memory figure of the run that ended lingers.
+    assert names_with_label(metrics.render().decode(), "subprocess_id", sid) == set()
+    metrics.observe(ev.restart("restarted", sid, run=2))
+    metrics.refresh([{**agent(sid, 12.0), "run": 2, "restarts": 1}], SYSTEM)
+    text = metrics.render().decode()
+    assert value(text, "claude_pm_subprocess_memory_bytes", **labels) == 12.0 * MIB
+    assert value(text, "claude_pm_subprocess_level", **labels) == 0
+    assert value(text, "claude_pm_subprocesses") == 1
 
 
 def test_host_gauges_and_each_agents_request() -> None:
@@ -415,6 +493,8 @@ def busy_metrics(*, guide_names: bool) -> Metrics:
     metrics.refresh_host(host_status())
     metrics.observe(queue_event(EventType.QUEUED))
     metrics.observe(shed_alert("qa_bbbbbbbbbbbb", Trigger.RESERVE))
+    metrics.observe(ev.restart("restarted", "eng_aaaaaaaaaaaa", run=2, reason="exited"))
+    metrics.observe(ev.restart("restart_limit", "eng_aaaaaaaaaaaa", run=5, reason="exited"))
     return metrics
 
 
@@ -518,6 +598,85 @@ RULES_TESTS = {
                     ),
                 ),
                 alert("4m", "ClaudePMSystemMemoryLow"),  # 50% available: nothing to say
+            ],
+        },
+        {
+            # Restarts: eng agents on h1 come back six times in three minutes, then one of
+            # them reaches its restart limit; qa restarts now and then, which is no storm.
+            "interval": "1m",
+            "input_series": [
+                series(
+                    "claude_pm_agent_restarts_total",
+                    "0 2 4 5 5x20",
+                    instance=H1,
+                    agent_type="eng",
+                    reason="memory_limit",
+                ),
+                series(
+                    "claude_pm_agent_restarts_total",
+                    "0 0 0 1 1x20",
+                    instance=H1,
+                    agent_type="eng",
+                    reason="exited",
+                ),
+                series(
+                    "claude_pm_agent_restarts_total",
+                    "0 1 1 2 2x20",
+                    instance=H1,
+                    agent_type="qa",
+                    reason="exited",
+                ),
+                series(
+                    "claude_pm_agent_restart_limit_total",
+                    "0 0 0 0 1x20",
+                    instance=H1,
+                    agent_type="eng",
+                ),
+                series("claude_pm_agent_restart_limit_total", "0x24", instance=H1, agent_type="qa"),
+            ],
+            "alert_rule_test": [
+                alert("2m", "ClaudePMAgentRestartStorm"),  # four so far
+                alert(
+                    "3m",
+                    "ClaudePMAgentRestartStorm",
+                    (
+                        {
+                            "severity": "warning",
+                            "job": "claude-pm",
+                            "instance": H1,
+                            "agent_type": "eng",
+                        },
+                        {
+                            "summary": "6 restarts of eng agents on h1:9464 in the last 15 minutes",
+                            "description": "Runs of these agents keep ending and their restart "
+                            "policy starts them again. `claude-pm events` on that host tells why "
+                            "each run ended, `claude-pm stats` each agent's restarts; fix the "
+                            'cause, raise their limits, or set restart = "no".',
+                        },
+                    ),
+                ),
+                alert("19m", "ClaudePMAgentRestartStorm"),  # the restarts are 15 minutes old
+                alert("3m", "ClaudePMAgentRestartLimit"),
+                alert(
+                    "4m",
+                    "ClaudePMAgentRestartLimit",
+                    (
+                        {
+                            "severity": "critical",
+                            "job": "claude-pm",
+                            "instance": H1,
+                            "agent_type": "eng",
+                        },
+                        {
+                            "summary": "1 eng agent(s) on h1:9464 reached their restart limit "
+                            "in the last hour",
+                            "description": "Their runs ended more than restart_limit times "
+                            "within restart_window_s, so they are not restarted again. "
+                            "`claude-pm events` on that host names them and why their last run "
+                            "ended; launch them again once the cause is fixed.",
+                        },
+                    ),
+                ),
             ],
         },
         {

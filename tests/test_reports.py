@@ -14,7 +14,7 @@ import pytest
 from supervisord.core.errors import UsageError
 from supervisord.core.history import percentile
 from supervisord.host.sysmem import SystemMemory
-from supervisord.observe.logread import iter_records, rotated_files
+from supervisord.observe.logread import iter_records, load_stats, rotated_files
 from supervisord.observe.reports import REPORTS, run_report
 
 NOW = datetime(2026, 11, 26, 15, 0, 0)
@@ -39,7 +39,11 @@ def stat(
     aborted: bool = False,
     reason: str = "exited",
     warnings: list[str] | None = None,
+    run: int | None = None,
+    next_restart_s: float | None = None,
 ) -> dict[str, Any]:
+    """A stats record; with ``run`` in the restart-aware shape, without it as written before."""
+    runs = {"run": run, "restarts": run - 1, "next_restart_s": next_restart_s} if run else {}
     return {
         "subprocess_id": sid,
         "agent_type": sid.split("_")[0],
@@ -56,6 +60,7 @@ def stat(
             "warnings": warnings or [],
             "aborted": aborted,
         },
+        **runs,
         **_times(at),
     }
 
@@ -330,6 +335,175 @@ def test_thresholds_with_only_aborted_runs(tmp_path: Path) -> None:
     assert "No successful runs" in result.text
     assert "all 1 runs were aborted" in result.text
     assert "export" not in result.text
+
+
+# ------------------------------------------------------------------------- restarted agents
+
+
+def test_run_defaults_to_1_without_making_the_line_bad(tmp_path: Path) -> None:
+    logs = tmp_path / "logs"
+    t = NOW - timedelta(hours=1)
+    odd = [stat(f"qa_{i}", 100.0, t, run=1) for i in range(5)]
+    for record, value in zip(odd, [0, -2, True, "2", 2.5], strict=True):
+        record["run"] = value
+    write(stats_path(logs), stat("qa_old", 100.0, t), *odd, stat("qa_x", 100.0, t, run=3))
+    log = load_stats(logs)
+    assert [r.run for r in log.records] == [1, 1, 1, 1, 1, 1, 3]
+    assert log.problems == ()
+
+
+RESUMED = "engineer_5e55104e0001"
+
+
+@pytest.fixture
+def restarts(tmp_path: Path) -> Path:
+    """A resumed session growing run after run (run 1 in the rotated file), a steady qa agent
+    restarted once, a research agent restarted twice, and single-run agents between them."""
+    logs = tmp_path / "logs"
+    h = timedelta(hours=1)
+    write(stats_path(logs, ".1"), stat(RESUMED, 600.0, NOW - 9 * h, reason="restart", run=1))
+    write(
+        stats_path(logs),
+        stat("engineer_000000000001", 500.0, NOW - 8 * h),  # from before restarts: no run
+        stat(RESUMED, 800.0, NOW - 7 * h, reason="restart", run=2, next_restart_s=0.0),
+        stat("qa_000000000001", 300.0, NOW - 6 * h, run=1, next_restart_s=2.5),
+        stat("qa_000000000001", 310.0, NOW - 6 * h + timedelta(seconds=10), run=2),
+        stat(RESUMED, 1000.0, NOW - 5 * h, run=3, next_restart_s=1.0),
+        stat("research_000000000001", 200.0, NOW - 4 * h, run=1, next_restart_s=1.0),
+        stat(RESUMED, 2048.0, NOW - 3 * h, aborted=True, reason="memory_limit", run=4),
+        stat("research_000000000001", 210.0, NOW - 2 * h, run=2, next_restart_s=1.0),
+        stat("engineer_000000000002", 700.0, NOW - h, run=1),
+        stat("research_000000000001", 205.0, NOW - h, run=3),
+    )
+    return logs
+
+
+def test_leaks_counts_an_agent_once_at_its_highest_peak(restarts: Path) -> None:
+    result = run_report("leaks", restarts)
+    # Engineers in the order they appeared: the resumed one (max 2048), 500, 700.
+    assert result.data["types"]["engineer"] == {
+        "runs": 3,
+        "enough_data": True,
+        "avg_peak_mb": 1082.7,
+        "max_peak_mb": 2048.0,
+        "growth_mb_per_run": round((700.0 - 2048.0) / 3, 1),
+        "possible_leak": False,
+    }
+    assert result.data["types"]["qa"] == {"runs": 1, "enough_data": False}
+    assert result.data["types"]["research"] == {"runs": 1, "enough_data": False}
+    assert result.text.split("\n\n")[1:4] == [
+        "engineer:\n"
+        "  Runs: 3\n"
+        "  (3 agents over 6 runs, each at its highest peak)\n"
+        "  Avg Peak: 1082.7 MB\n"
+        "  Max Peak: 2048.0 MB\n"
+        "  Growth Rate: -449.3 MB/run",
+        "qa:\n  1 agent (2 runs), not enough data; its runs are below",
+        "research:\n  1 agent (3 runs), not enough data; its runs are below",
+    ]
+
+
+def test_leaks_weighs_each_agent_run_against_run(restarts: Path) -> None:
+    result = run_report("leaks", restarts)
+    assert result.text.split("\n\n")[4] == (
+        "Agents with several runs:\n"
+        f"  {RESUMED}: 4 runs (aborted: 1)\n"
+        "    Peak per Run: 600.0, 800.0, 1000.0, 2048.0 MB\n"
+        "    Growth Rate: +362.0 MB/run\n"
+        "    WARNING: Possible memory leak detected!\n"
+        "  qa_000000000001: 2 runs (aborted: 0)\n"
+        "    Peak per Run: 300.0, 310.0 MB\n"
+        "    Growth Rate: +5.0 MB/run\n"
+        "  research_000000000001: 3 runs (aborted: 0)\n"
+        "    Peak per Run: 200.0, 210.0, 205.0 MB\n"
+        "    Growth Rate: +1.7 MB/run"
+    )
+    agents = result.data["agents"]
+    assert list(agents) == [RESUMED, "qa_000000000001", "research_000000000001"]
+    assert agents[RESUMED] == {
+        "agent_type": "engineer",
+        "runs": 4,
+        "run_numbers": [1, 2, 3, 4],
+        "aborted": 1,
+        "peaks_mb": [600.0, 800.0, 1000.0, 2048.0],
+        "growth_mb_per_run": 362.0,  # (2048 - 600) / 4, the guide's division
+        "possible_leak": True,
+    }
+    assert agents["qa_000000000001"]["possible_leak"] is False
+    assert result.text.count("Possible memory leak") == 1
+    assert result.problems == ()
+
+
+def test_leaks_with_one_run_per_agent_reads_as_before(logs: Path) -> None:
+    result = run_report("leaks", logs)
+    assert result.data["agents"] == {}
+    assert result.text == "\n".join(
+        [
+            "Memory Usage Trends by Agent Type",
+            "=" * 50,
+            "",
+            "engineer:",
+            "  Runs: 3",
+            "  Avg Peak: 1771.3 MB",
+            "  Max Peak: 4113.9 MB",
+            "  Growth Rate: +1204.6 MB/run",
+            "  WARNING: Possible memory leak detected!",
+            "",
+            "qa:",
+            "  Runs: 2",
+            "  Avg Peak: 310.0 MB",
+            "  Max Peak: 320.0 MB",
+            "  Growth Rate: +10.0 MB/run",
+            "",
+            "research:",
+            "  1 run, not enough data",
+        ]
+    )
+
+
+def test_weekly_counts_agents_once_and_every_run(restarts: Path) -> None:
+    result = run_report("weekly", restarts, now=NOW)
+    data = result.data
+    assert (data["total"], data["runs"], data["restarts"], data["aborted"]) == (5, 11, 6, 1)
+    assert data["peak_mb"] == {"avg": 624.8, "max": 2048.0, "min": 200.0}  # 6873 / 11 runs
+    assert data["reasons"] == {"restart": 2, "exited": 8, "memory_limit": 1}
+    lines = result.text.splitlines()
+    at = lines.index("Total Subprocesses: 5")
+    assert lines[at : at + 3] == [
+        "Total Subprocesses: 5",
+        "Runs: 11 (restarts: 6)",
+        "Aborted Subprocesses: 1",
+    ]
+    # A week after run 1: the later runs still say they were restarts.
+    later = run_report("weekly", restarts, now=NOW + timedelta(days=7, hours=-8, minutes=-30))
+    assert (later.data["total"], later.data["runs"], later.data["restarts"]) == (5, 10, 6)
+
+
+def test_weekly_with_one_run_per_agent(logs: Path) -> None:
+    result = run_report("weekly", logs, now=NOW)
+    assert (result.data["total"], result.data["runs"], result.data["restarts"]) == (6, 6, 0)
+    assert "Total Subprocesses: 6\nRuns: 6 (restarts: 0)\nAborted Subprocesses: 1\n" in (
+        result.text
+    )
+
+
+def test_thresholds_leave_out_a_restarted_agents_aborted_runs(tmp_path: Path) -> None:
+    logs = tmp_path / "logs"
+    t = NOW - timedelta(hours=1)
+    sid = "engineer_aaaa00000001"
+    write(
+        stats_path(logs),
+        stat(sid, 2100.0, t, aborted=True, reason="memory_limit", run=1, next_restart_s=1.0),
+        stat(sid, 2200.0, t, aborted=True, reason="timeout", run=2, next_restart_s=2.0),
+        stat(sid, 400.0, t, run=3),
+        stat("qa_1", 100.0, t),
+        stat("qa_2", 300.0, t, reason="restart", run=1, next_restart_s=0.0),  # not aborted
+    )
+    result = run_report("thresholds", logs)
+    assert result.data["successful_runs"] == 3
+    assert result.data["p99_mb"] == pytest.approx(percentile([400.0, 100.0, 300.0], 99))
+    assert result.text.startswith("Recommended Thresholds based on 3 successful runs:")
+    assert result.data["recommended"]["max_mb"] < 2100
 
 
 # ------------------------------------------------------------------------- missing and empty

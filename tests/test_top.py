@@ -192,6 +192,36 @@ def test_queue_events_show_as_they_happen() -> None:
     assert "eng_aaaaaaaaaaaa queued at position 2: needs 500 MB" in text
 
 
+def test_restarts_show_beside_the_type_and_as_they_happen() -> None:
+    model = TopModel(host="build-7")
+    model.apply_status(STATUS)
+    sid, other = "engineer_3f9a0c12b7de", "qa_0123456789ab"
+    # An older daemon's rows have no "restarts": nothing is shown for them.
+    model.apply_stats([stats(sid, 120.0, run=3, restarts=2), stats(other, 10.0)], now=0.0)
+    lines = screen(model)
+    assert all(len(line) <= 80 for line in lines)
+    assert row(lines, sid).startswith(f"{sid} engi… ↻2    2  120.0 ")
+    assert row(lines, other).startswith(f"{other}       qa          2 ")
+    at = {"subprocess_id": sid, "timestamp": "2026-11-26T14:03:01+00:00"}
+    model.apply_event({**at, "type": "exit", "reason": "memory_limit", "exit_code": None,
+                       "signal": "SIGTERM", "run": 3, "next_restart_s": 0.8})  # fmt: skip
+    model.apply_event({**at, "type": "restarting", "run": 3, "reason": "memory_limit",
+                       "delay_s": 0.8, "message": "run 4 in 0.8 s"})  # fmt: skip
+    # Each run is launched (its stats say which run), then `restarted`: one line for both.
+    model.apply_event({**at, **stats(sid, 0.0, run=4, restarts=3), "type": "launch"})
+    model.apply_event({**at, "type": "restarted", "run": 4, "pid": 4712, "reason": "memory_limit"})
+    model.apply_event({**at, "type": "restart_limit", "run": 4, "reason": "exited"})
+    model.apply_event({**at, **stats("qa_aaaaaaaaaaaa", 1.0), "type": "launch"})  # no "run"
+    assert list(model.events) == [
+        f"14:03:01 {sid} ended: memory_limit (SIGTERM)",
+        f"14:03:01 {sid} restarting: run 4 in 0.8 s",
+        f"14:03:01 {sid} launched (run 4)",
+        "14:03:01 qa_aaaaaaaaaaaa launched",
+    ]
+    model.apply_stats([stats(sid, 20.0, restarts=3)], now=1.0)
+    assert row(screen(model), sid).startswith(f"{sid} engi… ↻3 ")
+
+
 # -- the real thing ------------------------------------------------------------------------------
 
 

@@ -36,7 +36,7 @@ from supervisord.observe.webhooks import (
 )
 from supervisord.supervise.bus import Broadcaster
 from tests.conftest import TEST_MEMORY, DaemonProcess, Events, read_jsonl, simagent, write_config
-from tests.typed_events import AT, alert, exit_
+from tests.typed_events import AT, alert, exit_, restart
 
 pytestmark = pytest.mark.anyio
 GRACE_S = TEST_MEMORY["term_grace_s"]
@@ -473,3 +473,50 @@ def test_every_alert_kind_has_a_severity_and_a_shed_is_posted_as_a_kill() -> Non
     throttle.offer(alert("host_pressure", sid="batch_0123456789ab"), now=0.0)
     (notice,) = throttle.due(0.0)
     assert notice.alert.kind is AlertKind.HOST_PRESSURE
+
+
+def test_a_crash_loop_posts_its_first_kill_and_then_its_restart_limit() -> None:
+    throttle = Throttle(group_wait_s=2.0, rate_limit_s=300.0)
+    throttle.offer(alert("sigterm_sent"), now=0.0)
+    assert [n.alert.kind for n in throttle.due(2.0)] == ["sigterm_sent"]
+    for run_at in (10.0, 30.0):  # the next runs are killed too: the same id, rate-limited
+        throttle.offer(alert("sigterm_sent"), now=run_at)
+        assert throttle.due(run_at + 2.0) == []
+    # The last run's kill and the limit within group_wait: one notice, about the limit.
+    throttle.offer(alert("sigterm_sent"), now=70.0)
+    throttle.offer(alert("restart_limit"), now=70.5)
+    (notice,) = throttle.due(72.0)
+    assert notice.alert.kind is AlertKind.RESTART_LIMIT
+    assert notice.events == ("sigterm_sent", "restart_limit")
+    payload = slack_payload(notice, "h")
+    assert payload["text"] == "🚨 Claude PM Agent Failed (restart limit)"
+    assert payload["attachments"][0]["color"] == "danger"
+    assert guide_fields(payload)["Level"] == "CRITICAL"
+    assert guide_fields(payload)["Events"] == "sigterm_sent → restart_limit"
+
+
+async def test_restart_events_pass_by_and_a_restart_limit_reaches_critical_webhooks(
+    receiver: Receiver,
+) -> None:
+    # The default min_level is CRITICAL: restart_limit is one of those alerts.
+    hooks = (hook(receiver, "/ok"), hook(receiver, "/json", format="json"))
+    config = Config(alerts=AlertSettings(group_wait_s=0.0, webhooks=hooks))
+    source = FakeSupervisor(Broadcaster[Event](), config)
+    sid = "crash_0123456789ab"
+    async with anyio.create_task_group() as tg:
+        await tg.start(Notifier(source, host="h").run)
+        source.bus.publish(exit_(sid, "exited", run=3))
+        for event in (
+            restart("restarting", sid, run=3, reason="exited", delay_s=4.0, exit_code=1),
+            restart("restarted", sid, run=4, reason="exited"),
+            restart("restart_limit", sid, run=4, reason="exited", exit_code=1),
+        ):
+            source.bus.publish(event)
+        source.bus.publish(alert("restart_limit", sid=sid))
+        (post,) = await wait_posts(receiver, "/json", sid)
+        (slack,) = await wait_posts(receiver, "/ok", sid)
+        tg.cancel_scope.cancel()
+    assert post.body["alert"]["event"] == "restart_limit"
+    assert post.body["alert"]["level"] == "CRITICAL"
+    assert post.body["events"] == ["restart_limit"]
+    assert guide_fields(slack.body)["Event"] == "restart_limit"

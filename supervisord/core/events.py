@@ -153,6 +153,9 @@ class ExitEvent:
     at: datetime = field(default_factory=_now)
     # Whose subscriptions see it, as on LaunchEvent; not in the record either.
     owner_uid: int | None = None
+    # Which run of the agent this was (from 1), and seconds until the next (None: no next).
+    run: int = 1
+    next_restart_s: float | None = None
 
     @property
     def ok(self) -> bool:
@@ -169,6 +172,9 @@ class ExitEvent:
             "signal": self.signal,
             "reason": self.reason.value,
             "memory_stats": self.memory.as_dict(),
+            "run": self.run,
+            "restarts": self.run - 1,
+            "next_restart_s": self.next_restart_s,
             **timestamps(self.at),
         }
 
@@ -210,4 +216,37 @@ class QueueEvent:
         }
 
 
-Event = LaunchEvent | AlertEvent | ExitEvent | QueueEvent
+@dataclass(frozen=True, slots=True)
+class RestartEvent:
+    """A restart policy at work: the next run is due (``restarting``, after ``delay_s``),
+    it started (``restarted``), or no run comes again (``restart_limit``)."""
+
+    type: EventType  # RESTARTING, RESTARTED or RESTART_LIMIT
+    subprocess_id: str
+    agent_type: str
+    run: int  # restarting, restart_limit: the run that ended; restarted: the new one
+    reason: str  # why the run before ended (an EndReason value), or what was asked
+    message: str
+    delay_s: float | None = None  # restarting
+    pid: int | None = None  # restarted
+    exit_code: int | None = None  # of the run that ended
+    at: datetime = field(default_factory=_now)
+    owner_uid: int | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "type": self.type.value,
+            "subprocess_id": self.subprocess_id,
+            "agent_type": self.agent_type,
+            "run": self.run,
+            "restarts": self.run - 1,
+            "reason": self.reason,
+            "exit_code": self.exit_code,
+            "delay_s": self.delay_s,
+            "pid": self.pid,
+            "message": self.message,
+            **timestamps(self.at),
+        }
+
+
+Event = LaunchEvent | AlertEvent | ExitEvent | QueueEvent | RestartEvent

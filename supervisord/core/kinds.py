@@ -25,6 +25,8 @@ class EndReason(enum.StrEnum):
     OOM_KILLED = "oom_killed"
     # Shed to keep the host within its memory budget (lowest priority first).
     HOST_PRESSURE = "host_pressure"
+    # Ended by `claude-pm restart`: the next run starts at once.
+    RESTART = "restart"
 
     @property
     def aborted(self) -> bool:
@@ -43,6 +45,11 @@ class EventType(enum.StrEnum):
     QUEUED = "queued"
     ADMITTED = "admitted"
     CANCELLED = "cancelled"
+    # Restart policies: a run ended and the next is due after a delay; it started; the
+    # agent failed for good (too many runs within restart_window_s).
+    RESTARTING = "restarting"
+    RESTARTED = "restarted"
+    RESTART_LIMIT = "restart_limit"
 
 
 class AlertKind(enum.StrEnum):
@@ -58,6 +65,8 @@ class AlertKind(enum.StrEnum):
     LIMIT_PREDICTED = "limit_predicted"
     OOM_KILL = "oom_kill"
     HOST_PRESSURE = "host_pressure"
+    # Its runs came back too often within restart_window_s: no more runs (state "failed").
+    RESTART_LIMIT = "restart_limit"
 
     @property
     def level(self) -> Level:
@@ -73,6 +82,7 @@ _CRITICAL_ALERTS = frozenset(
         AlertKind.TIMEOUT,
         AlertKind.OOM_KILL,
         AlertKind.HOST_PRESSURE,
+        AlertKind.RESTART_LIMIT,
     }
 )
 _ABORTS = frozenset(

@@ -40,6 +40,10 @@ class AgentRecord:
     scheduling: dict[str, Any] = field(default_factory=dict)
     request_mb: float | None = None
     launch: dict[str, Any] | None = None
+    # Across runs: the command before this run's placeholders, and its lineage (session,
+    # run number, run starts as wall-clock seconds; see core.lineage).
+    template: list[str] | None = None
+    lineage: dict[str, Any] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -68,4 +72,5 @@ def lost_event(record: AgentRecord, now: datetime | None = None) -> ExitEvent:
         ),
         at=now,
         owner_uid=record.owner_uid,
+        run=int((record.lineage or {}).get("run", 1)),
     )

@@ -31,6 +31,7 @@ class StatRecord:
     aborted: bool
     reason: str
     warnings: tuple[str, ...]
+    run: int = 1  # which run of the agent (from 1); records from before restarts have none
 
     @property
     def agent_type(self) -> str:
@@ -164,6 +165,14 @@ def _times(obj: dict[str, Any]) -> tuple[datetime, datetime]:
     return at, instant
 
 
+def _run(obj: dict[str, Any]) -> int:
+    value = obj.get("run")
+    # Not a reason to skip the line: the rest of the record is still a run that happened.
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        return 1
+    return value
+
+
 def _parse_stat(obj: dict[str, Any]) -> StatRecord:
     subprocess_id = _text(obj, "subprocess_id")
     peak_mb = _number(obj, "memory_stats.peak_mb")
@@ -183,6 +192,7 @@ def _parse_stat(obj: dict[str, Any]) -> StatRecord:
         warnings=tuple(w for w in warnings if isinstance(w, str))
         if isinstance(warnings, list)
         else (),
+        run=_run(obj),
     )
 
 

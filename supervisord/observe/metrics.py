@@ -1,7 +1,7 @@
 """Prometheus metrics: a registry fed by the supervisor's events, served over plain HTTP.
 
-Counters and the escalation histogram follow the event bus (every alert, exit and queue
-event passes through it); gauges are refreshed from ``Supervisor.stats()`` and
+Counters and the escalation histogram follow the event bus (every alert, exit, queue and
+restart event passes through it); gauges are refreshed from ``Supervisor.stats()`` and
 ``Supervisor.host_status()`` when a scrape arrives, so they are exactly current at scrape
 time and nothing is computed while nobody scrapes. The refresh runs on the event loop (the
 only place agent state may be read); rendering the exposition runs in a worker thread, so a
@@ -12,6 +12,7 @@ The HTTP side is ``metrics_http``.
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Iterable, Mapping
 from contextlib import suppress
 from typing import Any, Protocol, assert_never
@@ -33,7 +34,14 @@ from prometheus_client import (
 from supervisord import __version__
 from supervisord.config.settings import Config
 from supervisord.core.budget import Trigger
-from supervisord.core.events import AlertEvent, Event, ExitEvent, LaunchEvent, QueueEvent
+from supervisord.core.events import (
+    AlertEvent,
+    Event,
+    ExitEvent,
+    LaunchEvent,
+    QueueEvent,
+    RestartEvent,
+)
 from supervisord.core.kinds import AlertKind, EndReason, EventType, Level
 from supervisord.core.units import MIB
 from supervisord.host.sysmem import SystemMemory, system_memory
@@ -46,7 +54,9 @@ THRESHOLDS = ("warning_mb", "critical_mb", "max_mb")
 # From a fast kill (tens of ms) to a stubborn tree that waits out a long grace period.
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 QUEUE_EVENTS = (EventType.QUEUED, EventType.ADMITTED, EventType.CANCELLED)
-UNKNOWN_TRIGGER = "unknown"
+UNKNOWN = "unknown"  # a label value outside the known few, kept to one series
+# What can bring a run back: stop and the daemon's shutdown never do (core/restart).
+RESTART_REASONS = sorted(set(EndReason) - {EndReason.STOPPED, EndReason.DAEMON_SHUTDOWN})
 
 
 class StatsSource(Protocol):
@@ -211,12 +221,28 @@ class Metrics:
         for queue_event in QUEUE_EVENTS:
             self.queue_events.labels(queue_event.value)
         self.launched = Counter(
-            "claude_pm_agents_launched", "Agents launched", ("agent_type",), registry=r
+            "claude_pm_agents_launched",
+            "Agents launched (each run of a restarted agent counts)",
+            ("agent_type",),
+            registry=r,
         )
         self.finished = Counter(
             "claude_pm_agents_finished",
-            "Agents whose tree is gone, by reason",
+            "Agents whose tree is gone, by reason (each run of a restarted agent counts)",
             ("reason", "agent_type"),
+            registry=r,
+        )
+        self.restarts = Counter(
+            "claude_pm_agent_restarts",
+            "Runs started again by a restart policy or `claude-pm restart`, by agent type and "
+            "reason (why the run before ended, or restart): one per restarted event",
+            ("agent_type", "reason"),
+            registry=r,
+        )
+        self.restart_limits = Counter(
+            "claude_pm_agent_restart_limit",
+            "Agents failed for good (too many runs within restart_window_s), by agent type",
+            ("agent_type",),
             registry=r,
         )
         self.latency = Histogram(
@@ -232,7 +258,8 @@ class Metrics:
         ProcessCollector(registry=r)
         # Per-agent label values in use, so an agent's series can be removed when it ends.
         self._agents: dict[str, str] = {}
-        self._signalled: set[str] = set()  # agents whose crossing latency is counted
+        self._signalled: set[str] = set()  # agents whose run's crossing latency is counted
+        self._restarting_types: set[str] = set()  # their restart series exist at 0
 
     # -- events -----------------------------------------------------------------------------
 
@@ -241,11 +268,13 @@ class Metrics:
         match event:
             case LaunchEvent():
                 self.launched.labels(event.agent_type).inc()
+                # At 0 from the type's first launch: an agent type often fails just once.
+                self.restart_limits.labels(event.agent_type)
             case AlertEvent():
                 self.alerts.labels(event.kind.value, event.level.name).inc()
                 if event.kind is AlertKind.HOST_PRESSURE:
                     # Each shed is announced by exactly one host_pressure alert.
-                    self.sheds.labels(_trigger(event.host)).inc()
+                    self.sheds.labels(_known(Trigger, (event.host or {}).get("trigger"))).inc()
                 # The first signal carries it: SIGTERM, or SIGKILL when term_grace_s is 0. A
                 # SIGKILL after the grace repeats the same figure and must not count twice.
                 crossed = event.crossed_to_term_s
@@ -261,8 +290,26 @@ class Metrics:
                 self._forget(event.subprocess_id)
             case QueueEvent():
                 self.queue_events.labels(event.type.value).inc()
+            case RestartEvent():
+                self._restart(event)
             case _:  # A new kind of event must be counted here: mypy says so.
                 assert_never(event)
+
+    def _restart(self, event: RestartEvent) -> None:
+        agent_type = event.agent_type
+        if agent_type not in self._restarting_types:
+            # At 0 from a type's first restart event (`restarting`, before its `restarted`).
+            self._restarting_types.add(agent_type)
+            for reason in RESTART_REASONS:
+                self.restarts.labels(agent_type, reason)
+            self.restart_limits.labels(agent_type)
+        if event.type is EventType.RESTARTED:
+            # The same id, a new run: its crossing latency counts again (even if the previous
+            # run's exit was missed, as a resubscription can).
+            self._signalled.discard(event.subprocess_id)
+            self.restarts.labels(agent_type, _known(EndReason, event.reason)).inc()
+        elif event.type is EventType.RESTART_LIMIT:
+            self.restart_limits.labels(agent_type).inc()
 
     # -- gauges -----------------------------------------------------------------------------
 
@@ -360,12 +407,12 @@ def _number(value: Any) -> float | None:
     return None
 
 
-def _trigger(host: Mapping[str, Any] | None) -> str:
-    """The trigger of a host_pressure alert's figures, kept to the known few label values."""
+def _known(values: type[enum.StrEnum], value: Any) -> str:
+    """``value`` when it is one of ``values``, else ``UNKNOWN``: bounded label values."""
     try:
-        return Trigger(str((host or {}).get("trigger"))).value
+        return values(str(value)).value
     except ValueError:
-        return UNKNOWN_TRIGGER
+        return UNKNOWN
 
 
 def refresh_from(metrics: Metrics, source: StatsSource) -> None:

@@ -20,6 +20,7 @@ from supervisord.observe.logread import (
     ALERT_FIELDS,
     AlertRecord,
     Log,
+    StatRecord,
     load_alerts,
     load_stats,
     local_naive,
@@ -146,50 +147,116 @@ def _growth(logs_dir: Path, subprocess_id: str | None) -> ReportResult:
     return _finish(lines, data, log)
 
 
+def _by_agent(records: Sequence[StatRecord]) -> dict[str, list[StatRecord]]:
+    """Each agent's runs; records come in time order, so agents in the order they appeared."""
+    runs: dict[str, list[StatRecord]] = {}
+    for s in records:
+        runs.setdefault(s.subprocess_id, []).append(s)
+    return runs
+
+
+def _trend(peaks: Sequence[float]) -> tuple[float, bool]:
+    """Growth per run, first to last, and whether it looks like a leak."""
+    # The guide divides by runs, not runs - 1; kept so figures match its script.
+    growth = (peaks[-1] - peaks[0]) / len(peaks)
+    return growth, growth > LEAK_MB_PER_RUN
+
+
+def _type_lines(agent_type: str, peaks: list[float], runs: int) -> tuple[list[str], dict[str, Any]]:
+    """One type's block; ``peaks`` holds each agent's highest, ``runs`` counts all their runs."""
+    lines = ["", f"{agent_type}:"]
+    # Only said when an agent ran more than once, so one run per agent reads as the guide's.
+    several = [] if runs == len(peaks) else [f"{len(peaks)} agents over {runs} runs"]
+    if len(peaks) == 1:
+        lines.append(
+            f"  1 agent ({runs} runs), not enough data; its runs are below"
+            if several
+            else "  1 run, not enough data"
+        )
+        return lines, {"runs": 1, "enough_data": False}
+    growth, leak = _trend(peaks)
+    lines += [
+        f"  Runs: {len(peaks)}",
+        *(f"  ({s}, each at its highest peak)" for s in several),
+        f"  Avg Peak: {sum(peaks) / len(peaks):.1f} MB",
+        f"  Max Peak: {max(peaks):.1f} MB",
+        f"  Growth Rate: {growth:+.1f} MB/run",
+        *(["  WARNING: Possible memory leak detected!"] if leak else []),
+    ]
+    # "runs" keeps the guide's name: one entry per agent, as each agent had one run there.
+    return lines, {
+        "runs": len(peaks),
+        "enough_data": True,
+        "avg_peak_mb": round(sum(peaks) / len(peaks), 1),
+        "max_peak_mb": max(peaks),
+        "growth_mb_per_run": round(growth, 1),
+        "possible_leak": leak,
+    }
+
+
+def _agent_lines(sid: str, runs: list[StatRecord]) -> tuple[list[str], dict[str, Any]]:
+    peaks = [s.peak_mb for s in runs]
+    aborted = sum(s.aborted for s in runs)
+    growth, leak = _trend(peaks)
+    lines = [
+        f"  {sid}: {len(runs)} runs (aborted: {aborted})",
+        f"    Peak per Run: {', '.join(f'{mb:.1f}' for mb in peaks)} MB",
+        f"    Growth Rate: {growth:+.1f} MB/run",
+        *(["    WARNING: Possible memory leak detected!"] if leak else []),
+    ]
+    return lines, {
+        "agent_type": runs[0].agent_type,
+        "runs": len(runs),
+        "run_numbers": [s.run for s in runs],
+        "aborted": aborted,
+        "peaks_mb": peaks,
+        "growth_mb_per_run": round(growth, 1),
+        "possible_leak": leak,
+    }
+
+
 def _leaks(logs_dir: Path) -> ReportResult:
+    """Per type, one entry per agent (its highest peak over its runs), so a restarted agent
+    does not pass for several; then each agent with several runs, run against run."""
     log = load_stats(logs_dir)
-    by_type: dict[str, list[float]] = {}
-    for s in log.records:
-        by_type.setdefault(s.agent_type, []).append(s.peak_mb)
+    by_agent = _by_agent(log.records)
+    by_type: dict[str, tuple[list[float], list[int]]] = {}
+    for runs in by_agent.values():
+        peaks, counts = by_type.setdefault(runs[0].agent_type, ([], []))
+        peaks.append(max(s.peak_mb for s in runs))
+        counts.append(len(runs))
     lines = ["Memory Usage Trends by Agent Type", _RULE, *([log.note] if log.note else [])]
     types: dict[str, dict[str, Any]] = {}
-    for agent_type, peaks in by_type.items():
-        lines += ["", f"{agent_type}:"]
-        if len(peaks) == 1:
-            types[agent_type] = {"runs": 1, "enough_data": False}
-            lines.append("  1 run, not enough data")
-            continue
-        # The guide divides by runs, not runs - 1; kept so figures match its script.
-        growth = (peaks[-1] - peaks[0]) / len(peaks)
-        leak = growth > LEAK_MB_PER_RUN
-        types[agent_type] = {
-            "runs": len(peaks),
-            "enough_data": True,
-            "avg_peak_mb": round(sum(peaks) / len(peaks), 1),
-            "max_peak_mb": max(peaks),
-            "growth_mb_per_run": round(growth, 1),
-            "possible_leak": leak,
-        }
-        lines += [
-            f"  Runs: {len(peaks)}",
-            f"  Avg Peak: {sum(peaks) / len(peaks):.1f} MB",
-            f"  Max Peak: {max(peaks):.1f} MB",
-            f"  Growth Rate: {growth:+.1f} MB/run",
-            *(["  WARNING: Possible memory leak detected!"] if leak else []),
-        ]
-    return _finish(lines, {"types": types}, log)
+    for agent_type, (peaks, counts) in by_type.items():
+        type_lines, types[agent_type] = _type_lines(agent_type, peaks, sum(counts))
+        lines += type_lines
+    agents: dict[str, dict[str, Any]] = {}
+    for sid, runs in by_agent.items():
+        if len(runs) > 1:
+            if not agents:
+                lines += ["", "Agents with several runs:"]
+            agent_lines, agents[sid] = _agent_lines(sid, runs)
+            lines += agent_lines
+    return _finish(lines, {"types": types, "agents": agents}, log)
 
 
 def _weekly(logs_dir: Path, now: datetime) -> ReportResult:
+    """The last 7 days. Total Subprocesses counts agents (each once, however many runs);
+    Runs counts records, and restarts the records that say run > 1 (not runs - agents: a
+    restart in the week counts even when the agent's first run is older). Peaks, aborted,
+    warnings and reasons are per run: each run has its own record and its own end."""
     log = load_stats(logs_dir)
     since = now - timedelta(days=7)
     recent = [s for s in log.records if s.at > since]
+    agents = len({s.subprocess_id for s in recent})
+    restarts = sum(s.run > 1 for s in recent)
     peaks = [s.peak_mb for s in recent]
     aborted = sum(s.aborted for s in recent)
     warnings = Counter(w.split(":")[0] for s in recent for w in s.warnings)
     reasons = Counter(s.reason for s in recent)
     lines = ["Weekly Memory Usage Report", _RULE, *([log.note] if log.note else [])]
-    lines += [f"Since: {since:%Y-%m-%d %H:%M}", f"Total Subprocesses: {len(recent)}"]
+    lines += [f"Since: {since:%Y-%m-%d %H:%M}", f"Total Subprocesses: {agents}"]
+    lines.append(f"Runs: {len(recent)} (restarts: {restarts})")
     lines.append(f"Aborted Subprocesses: {aborted}")
     peak_data = None
     if peaks:
@@ -203,7 +270,9 @@ def _weekly(logs_dir: Path, now: datetime) -> ReportResult:
     data = {
         "since": since.isoformat(),
         "now": now.isoformat(),
-        "total": len(recent),
+        "total": agents,
+        "runs": len(recent),
+        "restarts": restarts,
         "aborted": aborted,
         "peak_mb": peak_data,
         "warnings": dict(warnings),
@@ -213,6 +282,8 @@ def _weekly(logs_dir: Path, now: datetime) -> ReportResult:
 
 
 def _thresholds(logs_dir: Path) -> ReportResult:
+    """Percentiles of the peaks of runs that were not aborted. Per run, not per agent: a
+    restarted agent's aborted runs are left out and its clean runs count, one each."""
     log = load_stats(logs_dir)
     peaks = [s.peak_mb for s in log.records if not s.aborted]
     data: dict[str, Any] = {"successful_runs": len(peaks), "recommended": None}

@@ -1,11 +1,11 @@
 """``claude-pm top``: a live terminal view of system memory and every agent.
 
-The view is built from two connections to the daemon: ``subscribe`` (launches, alerts, exits
-and the admission queue's events, shown as they happen, and each one triggers a fresh poll)
-and a poll of ``stats`` and ``status`` (system memory, and the host's budget and queue) every
-``interval_s``. Everything on screen is laid out by hand in plain lines that
-fit the terminal's width (80 columns is the design target, so it works over ssh); rich does
-the colours and the full-screen redraw. ``q`` quits; so does Ctrl-C.
+The view is built from two connections to the daemon: ``subscribe`` (launches, alerts, exits,
+restarts and the admission queue's events, shown as they happen, each one triggering a fresh
+poll) and a poll of ``stats`` and ``status`` (system memory, and the host's budget and queue)
+every ``interval_s``. Everything on screen is laid out by hand in plain lines that fit the
+terminal's width (80 columns is the design target, so it works over ssh); rich does the
+colours and the full-screen redraw. ``q`` quits; so does Ctrl-C.
 
 ``TopModel`` and ``render`` are pure (explicit times, no I/O), so the layout is tested
 without a terminal.
@@ -71,6 +71,7 @@ class AgentView:
     max_mb: float | None = None
     growth_mb_s: float | None = None
     time_to_limit_s: float | None = None
+    restarts: int = 0  # runs started again (absent from an older daemon's rows: 0)
     history: deque[tuple[float, float]] = field(default_factory=lambda: deque(maxlen=HISTORY))
 
     def update(self, stats: Mapping[str, Any], now: float) -> None:
@@ -86,6 +87,7 @@ class AgentView:
         self.max_mb = float(max_mb) if isinstance(max_mb, int | float) else None
         self.growth_mb_s = _number(stats.get("growth_mb_s"))
         self.time_to_limit_s = _number(stats.get("time_to_limit_s"))
+        self.restarts = int(_number(stats.get("restarts")) or 0)
         self.history.append((now, self.current_mb))
 
 
@@ -118,7 +120,9 @@ class TopModel:
         clock = _clock(event.get("timestamp"))
         kind = event.get("type")
         if kind == EventType.LAUNCH:
-            self.events.append(f"{clock} {sid} launched")
+            run = event.get("run")  # every run is launched: past the first, say which
+            again = f" (run {run})" if isinstance(run, int) and run > 1 else ""
+            self.events.append(f"{clock} {sid} launched{again}")
         elif kind == EventType.ALERT:
             self.events.append(f"{clock} {sid} {event.get('message', event.get('event'))}")
         elif kind == EventType.EXIT:
@@ -130,7 +134,10 @@ class TopModel:
             self.events.append(f"{clock} {sid} queued{where}: {event.get('reason')}")
         elif kind == EventType.CANCELLED:
             self.events.append(f"{clock} {sid} left the queue: {event.get('reason')}")
-        # ADMITTED shows no line: the admitted agent's launch event follows it at once.
+        elif kind == EventType.RESTARTING:
+            run, delay = int(event.get("run") or 0) + 1, _number(event.get("delay_s")) or 0.0
+            self.events.append(f"{clock} {sid} restarting: run {run} in {delay:.1f} s")
+        # No line for ADMITTED, RESTARTED (a launch comes with each) nor RESTART_LIMIT (its alert).
 
 
 def _clock(timestamp: Any) -> str:
@@ -193,6 +200,12 @@ def duration(seconds: float) -> str:
     if seconds < 86400:
         return f"{seconds / 3600:.1f}h"
     return f"{seconds / 86400:.0f}d"
+
+
+def agent_type(view: AgentView, width: int) -> str:
+    """The type, then ``↻N`` after N restarts; the type gives way, as the id starts with it."""
+    runs = f" ↻{view.restarts}" if view.restarts > 0 else ""
+    return _cell(view.agent_type, width - len(runs), False).rstrip() + runs
 
 
 def _cell(text: str, width: int, right: bool) -> str:
@@ -299,7 +312,7 @@ def _row(view: AgentView, widths: list[int], spark_w: int, width: int) -> Text:
     style = LEVEL_STYLES.get(view.status, "")
     cells = [
         (view.subprocess_id, ""),
-        (view.agent_type, ""),
+        (agent_type(view, widths[1]), ""),
         (str(view.processes), ""),
         (megabytes(view.current_mb), ""),
         (megabytes(view.peak_mb), ""),

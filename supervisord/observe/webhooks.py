@@ -6,6 +6,8 @@ Three stages, so that a dead or slow webhook can never hold up sampling or enfor
    become one notice, the most severe of them (a hog that crosses warning, critical and its
    limit within seconds posts once, about the kill). After a notice, the same agent's alerts
    of the same or lower severity are dropped for ``rate_limit_s``; an escalation always passes.
+   Runs of a restarted agent share its id, so a crash loop posts its first kill, then its
+   ``restart_limit`` (ranked above a kill) when no run comes again.
 2. ``Notifier`` follows the supervisor's event bus and hands notices to every webhook whose
    ``min_level`` they reach, with ``send_nowait`` into that webhook's bounded queue: a full
    queue drops the notice (and logs it) rather than wait.
@@ -43,6 +45,8 @@ log = structlog.get_logger("supervisord.observe.webhooks")
 Alert = AlertEvent
 # Severity orders notices within a group and decides what the rate limit lets through.
 KILL = 3
+# Above a kill: an agent whose kills were rate-limited still posts when it stops for good.
+FAILED = 4
 SEVERITY = {
     AlertKind.RECOVERED: 0,
     AlertKind.MEMORY_WARNING: 1,
@@ -54,6 +58,7 @@ SEVERITY = {
     AlertKind.SIGKILL_SENT: KILL,
     AlertKind.OOM_KILL: KILL,
     AlertKind.HOST_PRESSURE: KILL,  # a shed stops an agent
+    AlertKind.RESTART_LIMIT: FAILED,  # no run comes again
 }
 MAX_BACKOFF_S = 30.0
 CLOSE_TIMEOUT_S = 1.0
@@ -145,6 +150,8 @@ def slack_payload(notice: Notice, host: str) -> dict[str, Any]:
     level = alert.level.name
     if alert.kind is AlertKind.RECOVERED:
         text, color = "✅ Claude PM Memory Recovered", "good"
+    elif alert.kind is AlertKind.RESTART_LIMIT:
+        text, color = "🚨 Claude PM Agent Failed (restart limit)", "danger"
     elif alert.level is Level.CRITICAL:
         text, color = "🚨 Claude PM Memory Alert", "danger"
     else:
