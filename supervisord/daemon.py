@@ -211,7 +211,7 @@ async def serve(
                 log.error("state_unreadable", problem=problem)
             supervisor.adopt(records)
             supervisor.adopt_leftovers()
-            supervisor.restore_queue(state.queue)
+            supervisor.restore_waiting(state)
             await tg.start(server.serve, listener)
             if handle_signals:
                 tg.start_soon(_signals, daemon)

@@ -431,6 +431,23 @@ def test_write_default_config_reads_back_as_the_defaults(tmp_path: Path) -> None
     assert config.daemon.log_max_bytes == 100 * 1024 * 1024
     assert config.agent_type("engineer").command == ("claude", "-p", "{task}")
     assert config.sources == ("defaults", str(path))
+    assert_claude_preset(config)
+
+
+def assert_claude_preset(config: Config) -> None:
+    """Run 1 creates the session under the daemon's UUID, later runs resume that one."""
+    claude = config.restart_for("claude")
+    assert config.agent_type("claude").command == (
+        "claude",
+        "-p",
+        "--session-id",
+        "{session_uuid}",
+        "{task}",
+    )
+    assert claude.resume_command is not None
+    assert claude.resume_command[:4] == ("claude", "-p", "--resume", "{session_uuid}")
+    assert "--session-id" not in claude.resume_command
+    assert (claude.restart, claude.restart_limit, claude.restart_window_s) == ("on-abort", 3, 900)
 
 
 def test_write_default_config_does_not_overwrite(tmp_path: Path) -> None:
@@ -465,6 +482,7 @@ def test_shipped_profile_loads(path: Path) -> None:
     if path.name == "supervisord.toml":
         assert limits.as_dict() == DEFAULT_LIMITS
         assert config.daemon.check_interval_s == 2.0
+        assert_claude_preset(config)
     if path.name == "development.toml":
         assert config.daemon.check_interval_s == 1.0
     for name in config.agents:

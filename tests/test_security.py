@@ -423,3 +423,63 @@ def test_roles() -> None:
     assert authz.launch_denial(0, "x", IN_FORCE, Limits(max_mb=9999), force=True) is None
     assert authz.owner_filter(65534, daemon_uid=0) == 65534
     assert authz.owner_filter(0, daemon_uid=1000) is None
+
+
+def test_a_user_may_not_restart_wait_for_or_churn_others_agents(
+    shared_daemon: DaemonProcess,
+) -> None:
+    socket_path = shared_daemon.socket
+    with shared_daemon.client() as client:
+        roots = client.launch("roots", AGENT, restart={"restart": "always"})["subprocess_id"]
+        between = client.launch(
+            "flaky", ["false"], restart={"restart": "on-failure", "restart_delay_s": 60}
+        )["subprocess_id"]
+        deadline = time.monotonic() + 10
+        while not client.queue()["restarting"]:
+            assert time.monotonic() < deadline, "no restart became due"
+            time.sleep(0.05)
+
+    def try_them() -> dict[str, Any]:
+        with Client(socket_path, timeout_s=30) as client:
+            mine = {"cwd": "/tmp"}
+            own = client.launch("mine", AGENT, restart={"restart": "always"}, **mine)
+            return {
+                "restart_roots": attempt(lambda: client.restart(roots)),
+                "after_roots": attempt(lambda: client.launch("mine", AGENT, after=[roots], **mine)),
+                "stop_between": attempt(lambda: client.stop(between)),
+                "cancel_between": attempt(lambda: client.cancel(between)),
+                "restart_between": attempt(lambda: client.restart(between)),
+                "more_runs": attempt(
+                    lambda: client.launch("mine", AGENT, restart={"restart_limit": 50}, **mine)
+                ),
+                "shorter_window": attempt(
+                    lambda: client.launch("mine", AGENT, restart={"restart_window_s": 1}, **mine)
+                ),
+                "queue": client.queue(),
+                "status": client.status(),
+                "restart_own": attempt(lambda: client.restart(own["subprocess_id"])),
+                "kill_own": attempt(lambda: client.kill(own["subprocess_id"])),
+            }
+
+    seen = as_nobody(try_them)["result"]
+    for key, target in (
+        ("restart_roots", roots),
+        ("after_roots", roots),
+        ("stop_between", between),
+        ("cancel_between", between),
+        ("restart_between", between),
+    ):
+        assert seen[key]["error"] == "permission_denied", (key, seen[key])
+        assert f"{target}: it was launched by uid 0" in seen[key]["message"]
+    assert "may not raise restart_limit above 5 in force" in seen["more_runs"]["message"]
+    assert "may not shorten restart_window_s below 300 s" in seen["shorter_window"]["message"]
+    assert seen["queue"]["restarting"] == []
+    assert seen["status"]["restarting"] == []
+    assert seen["restart_own"]["result"]["run"] == 2
+    # Killed running its second run, or just before it began: no run comes after either way.
+    assert seen["kill_own"]["result"]["next_restart_s"] is None
+    with shared_daemon.client() as client:
+        assert [r["subprocess_id"] for r in client.queue()["restarting"]] == [between]
+        assert client.stats(roots)["run"] == 1  # not restarted by nobody
+        client.stop(between)
+        client.kill(roots)

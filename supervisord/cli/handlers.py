@@ -14,12 +14,29 @@ from supervisord.config.home import Home, find_home
 from supervisord.config.settings import ENV_THRESHOLDS, environment_overrides, load_config
 from supervisord.control import background
 from supervisord.control.client import Client, resolve_socket
-from supervisord.core.errors import DaemonAlreadyRunning, NotFoundError, UsageError
+from supervisord.core.errors import (
+    DaemonAlreadyRunning,
+    DaemonNotRunning,
+    NotFoundError,
+    UsageError,
+)
 from supervisord.core.kinds import EventType
 from supervisord.observe import logread, reports
 
 OK, FAILED, USAGE, NOT_RUNNING = 0, 1, 2, 3
 Handler = Callable[[argparse.Namespace], int]
+# launch's restart flags (argparse's names) -> the restart keys of the protocol and config.
+RESTART_FLAGS = {
+    "restart": "restart",
+    "restart_delay": "restart_delay_s",
+    "restart_backoff": "restart_backoff",
+    "restart_delay_max": "restart_delay_max_s",
+    "restart_limit": "restart_limit",
+    "restart_window": "restart_window_s",
+    "restart_reset": "restart_reset_s",
+    "resume_command": "resume_command",
+    "session_pattern": "session_pattern",
+}
 
 
 def _home() -> Home:
@@ -121,6 +138,12 @@ def cmd_launch(args: argparse.Namespace) -> int:
         "priority": args.priority,
         "on_pressure": args.on_pressure,
         "no_queue": args.no_queue or None,
+        "restart": {
+            key: getattr(args, flag)
+            for flag, key in RESTART_FLAGS.items()
+            if getattr(args, flag) is not None
+        },
+        "after": [sid for ids in args.after for sid in ids],
     }
     with _client() as client:
         if not args.wait:
@@ -143,6 +166,31 @@ def cmd_launch(args: argparse.Namespace) -> int:
     _print_json(record) if args.json else print(render.record(record))
     ok = record["reason"] == "exited" and record["exit_code"] == 0
     return OK if ok else FAILED
+
+
+def cmd_restart(args: argparse.Namespace) -> int:
+    """End the run, then say how the next began: started (its pid), queued, or not at all."""
+    socket_path = resolve_socket(_home())
+    wanted: list[str] = [EventType.RESTARTED, EventType.QUEUED, EventType.CANCELLED]
+    with Client(socket_path, timeout_s=None) as watcher:
+        events = watcher.subscribe(types=wanted)
+        with Client(socket_path, timeout_s=None) as client:
+            result = client.restart(args.subprocess_id, args.grace)
+        for event in events:
+            if event.get("subprocess_id") == args.subprocess_id:
+                break
+        else:
+            raise DaemonNotRunning("the daemon went away before the next run began")
+    if args.json:
+        _print_json({**result, "next": event})
+    elif event["type"] == EventType.RESTARTED:
+        print(f"{args.subprocess_id} restarted: run {event['run']}, pid {event['pid']}")
+    elif event["type"] == EventType.QUEUED:
+        print(f"{args.subprocess_id}: run {result['run']} queued: {event['reason']}")
+    else:
+        error(f"{args.subprocess_id}: run {result['run']} did not start: {event['reason']}")
+        return FAILED
+    return OK
 
 
 def cmd_queue(args: argparse.Namespace) -> int:

@@ -7,6 +7,7 @@ Exit codes: 0 success, 1 the operation failed, 2 usage error, 3 daemon not runni
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from collections.abc import Callable, Sequence
 
@@ -115,10 +116,23 @@ def _agent_commands(add: Add) -> None:
     p.add_argument(
         "--wait",
         action="store_true",
-        help="wait (through the queue) for it to end; print its record",
+        help="wait (through the queue and its restarts) for it to end; print its record",
     )
+    p.add_argument(
+        "--after",
+        action="append",
+        default=[],
+        type=_ids,
+        metavar="ID[,ID...]",
+        help="start once these agents have ended with exit code 0",
+    )
+    _restart_options(p)
     p.add_argument("--json", action="store_true")
     p.add_argument("cmd", nargs="*", metavar="-- CMD [ARG ...]")
+    _running_agent_commands(add)
+
+
+def _running_agent_commands(add: Add) -> None:
     p = add("stats", h.cmd_stats, "statistics of all agents, or of one")
     p.add_argument("subprocess_id", nargs="?", metavar="ID")
     p.add_argument(
@@ -132,11 +146,39 @@ def _agent_commands(add: Add) -> None:
     p = add("kill", h.cmd_kill, "SIGKILL an agent's whole tree now")
     p.add_argument("subprocess_id", metavar="ID")
     p.add_argument("--json", action="store_true")
-    p = add("queue", h.cmd_queue, "launches waiting for room in the host's memory budget, and why")
+    p = add("restart", h.cmd_restart, "end an agent's run (usual escalation); start its next now")
+    p.add_argument("subprocess_id", metavar="ID")
+    p.add_argument("--grace", type=_non_negative, metavar="S")
+    p.add_argument("--json", action="store_true")
+    p = add("queue", h.cmd_queue, "launches waiting for room, for their restart, or for others")
     p.add_argument("--json", action="store_true")
     p = add("cancel", h.cmd_cancel, "take a waiting launch out of the queue")
     p.add_argument("subprocess_id", metavar="ID")
     p.add_argument("--json", action="store_true")
+
+
+def _restart_options(p: argparse.ArgumentParser) -> None:
+    """``launch``'s restart policy (over its type's ``[agents.TYPE]``)."""
+    p.add_argument(
+        "--restart",
+        choices=["no", "on-failure", "on-abort", "always"],
+        help="which ends bring it back (on-abort: ended for memory, time or host pressure)",
+    )
+    p.add_argument("--restart-delay", type=_non_negative, metavar="S", help="first delay (1)")
+    p.add_argument("--restart-backoff", type=_factor, metavar="F", help="delay factor (2)")
+    p.add_argument("--restart-delay-max", type=_non_negative, metavar="S", help="cap (60)")
+    p.add_argument("--restart-limit", type=_count, metavar="N", help="runs within window (5)")
+    p.add_argument("--restart-window", type=_positive, metavar="S", help="seconds (300)")
+    p.add_argument("--restart-reset", type=_non_negative, metavar="S", help="healthy run (60)")
+    p.add_argument(
+        "--resume-command",
+        type=_words,
+        metavar="CMD",
+        help="command of each run after the first, shell-quoted ({session_uuid}, {session_id})",
+    )
+    p.add_argument(
+        "--session-pattern", metavar="REGEX", help="one group: the session id in its output"
+    )
 
 
 def _log_commands(add: Add) -> None:
@@ -179,6 +221,40 @@ def _positive(text: str) -> float:
 
 def _non_negative(text: str) -> float:
     return 0.0 if text.strip() in ("0", "0.0") else _positive(text)
+
+
+def _factor(text: str) -> float:
+    value = _positive(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a factor >= 1 (1: no backoff)")
+    return value
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a whole number >= 1")
+    return value
+
+
+def _words(text: str) -> list[str]:
+    try:
+        words = shlex.split(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not shell-quoted right: {exc}") from None
+    if not words:
+        raise argparse.ArgumentTypeError("give the command and its arguments")
+    return words
+
+
+def _ids(text: str) -> list[str]:
+    ids = [part.strip() for part in text.split(",")]
+    if not all(ids):
+        raise argparse.ArgumentTypeError(f"{text!r}: give subprocess ids separated by commas")
+    return ids
 
 
 def _env_pair(text: str) -> tuple[str, str]:

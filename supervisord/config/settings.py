@@ -21,6 +21,7 @@ from supervisord.config.host import HostSettings
 from supervisord.config.observe import AlertSettings, MetricsSettings, parse_alerts, parse_metrics
 from supervisord.core.errors import ConfigError
 from supervisord.core.limits import LIMIT_KEYS, METRICS, Limits
+from supervisord.core.restart import RESTART_KEYS, RestartPolicy, apply_restart
 from supervisord.core.scheduling import SCHEDULING_KEYS, Scheduling, apply_scheduling
 from supervisord.core.validate import (
     boolean,
@@ -82,6 +83,7 @@ class AgentType:
     cwd: str | None = None
     limits: Mapping[str, Any] = field(default_factory=dict)
     scheduling: Scheduling = field(default_factory=Scheduling)
+    restart: RestartPolicy = field(default_factory=RestartPolicy)
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +116,13 @@ class Config:
         """The type's request, priority and on_pressure, then the launch's own."""
         base = self.agent_type(agent_type).scheduling
         return apply_scheduling(base, overrides or {}, "launch") if overrides else base
+
+    def restart_for(
+        self, agent_type: str, overrides: Mapping[str, Any] | None = None
+    ) -> RestartPolicy:
+        """The type's restart policy, then the launch's own keys."""
+        base = self.agent_type(agent_type).restart
+        return apply_restart(base, overrides or {}, "launch") if overrides else base
 
     def public(self) -> dict[str, Any]:
         """What ``status`` reports as the config in force."""
@@ -169,7 +178,7 @@ DAEMON_KEYS = frozenset(f.name for f in fields(DaemonSettings)) - {
     "check_interval_s",
     "min_interval_s",
 }
-AGENT_KEYS = frozenset({"command", "env", "cwd"}) | LIMIT_KEYS | SCHEDULING_KEYS
+AGENT_KEYS = frozenset({"command", "env", "cwd"}) | LIMIT_KEYS | SCHEDULING_KEYS | RESTART_KEYS
 
 
 def parse_config(data: Mapping[str, Any]) -> Config:
@@ -261,8 +270,15 @@ def _parse_agent(name: str, section: Any) -> AgentType:
     # Validate the type's own values now, so a bad section fails at start, not at launch.
     _apply_limits(Limits(), limits, f"agents.{name}")
     scheduling = apply_scheduling(Scheduling(), section, f"agents.{name}")
+    restart = apply_restart(RestartPolicy(), section, f"agents.{name}")
     return AgentType(
-        name=name, command=command, env=dict(env), cwd=cwd, limits=limits, scheduling=scheduling
+        name=name,
+        command=command,
+        env=dict(env),
+        cwd=cwd,
+        limits=limits,
+        scheduling=scheduling,
+        restart=restart,
     )
 
 
@@ -348,7 +364,28 @@ DEFAULT_DOCUMENT: dict[str, Any] = {
         "metric": "auto",
     },
     "daemon": {"log_max_bytes": 100 * 1024 * 1024, "log_backups": 5},
-    "agents": {"engineer": {"command": ["claude", "-p", "{task}"]}},
+    "agents": {
+        "engineer": {"command": ["claude", "-p", "{task}"]},
+        # Claude Code, resumed under the same session after the daemon ends it (README).
+        "claude": {
+            "command": ["claude", "-p", "--session-id", "{session_uuid}", "{task}"],
+            "resume_command": [
+                "claude",
+                "-p",
+                "--resume",
+                "{session_uuid}",
+                "You were stopped by the supervisor (run {run}); continue the task where you "
+                "left off.",
+            ],
+            "restart": "on-abort",
+            "restart_delay_s": 5,
+            "restart_delay_max_s": 120,
+            "restart_limit": 3,
+            "restart_window_s": 900,
+            "restart_reset_s": 300,
+            "term_grace_s": 15,
+        },
+    },
 }
 
 

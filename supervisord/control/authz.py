@@ -13,10 +13,23 @@ import os
 from dataclasses import dataclass
 
 from supervisord.core.limits import Limits
+from supervisord.core.restart import RestartPolicy
 from supervisord.core.scheduling import Scheduling
 
 USER_COMMANDS = frozenset(
-    {"hello", "ping", "status", "stats", "subscribe", "launch", "stop", "kill", "queue", "cancel"}
+    {
+        "hello",
+        "ping",
+        "status",
+        "stats",
+        "subscribe",
+        "launch",
+        "stop",
+        "kill",
+        "restart",
+        "queue",
+        "cancel",
+    }
 )
 THRESHOLDS = ("warning_mb", "critical_mb", "max_mb")
 
@@ -140,16 +153,20 @@ def launch_denial(
     *,
     force: bool,
     scheduling: tuple[Scheduling, Scheduling, float] | None = None,
+    restarts: tuple[RestartPolicy, RestartPolicy] | None = None,
     daemon_uid: int | None = None,
 ) -> Denial | None:
     """Why a launch may not go ahead as asked: looser limits than in force, a place in the
-    budget taken from others (``scheduling``: in force, asked, derived request), or
-    ``force``."""
+    budget taken from others (``scheduling``: in force, asked, derived request), more runs
+    in less time than the restart policy in force allows (``restarts``: in force, asked),
+    or ``force``."""
     if is_admin(uid, daemon_uid):
         return None
     found = weakened(in_force, requested)
     if scheduling is not None:
         found += pushed_ahead(*scheduling)
+    if restarts is not None:
+        found += faster_restarts(*restarts)
     if force:
         found.append(("force", "force a launch past the host's memory budget"))
     if not found:
@@ -160,6 +177,24 @@ def launch_denial(
         f"uid {uid} may not {clauses} for {agent_type}; only {admins(daemon_uid)} may "
         "(other users may only tighten limits)",
     )
+
+
+def faster_restarts(in_force: RestartPolicy, asked: RestartPolicy) -> list[tuple[str, str]]:
+    """The restart rate limit is what keeps a crash loop from churning the host: a user may
+    choose when their agent comes back, not let it come back more often."""
+    found = []
+    if asked.restart_limit > in_force.restart_limit:
+        found.append(
+            ("restart_limit", f"raise restart_limit above {in_force.restart_limit} in force")
+        )
+    if asked.restart_window_s < in_force.restart_window_s:
+        found.append(
+            (
+                "restart_window_s",
+                f"shorten restart_window_s below {in_force.restart_window_s:g} s in force",
+            )
+        )
+    return found
 
 
 def grace_denial(

@@ -69,8 +69,14 @@ class _Commands:
         priority: int | None = None,
         on_pressure: str | None = None,
         no_queue: bool | None = None,
+        restart: Mapping[str, Any] | None = None,
+        after: list[str] | tuple[str, ...] | None = None,
     ) -> dict[str, Any]:
+        """``restart``: restart keys (``restart``, ``restart_delay_s``, ``resume_command``,
+        ...) over the type's policy; ``after``: ids that must end with exit code 0 first."""
         return {
+            **(restart or {}),
+            "after": list(after) if after else None,
             "request_mb": request_mb,
             "priority": priority,
             "on_pressure": on_pressure,
@@ -165,6 +171,9 @@ class Client(_Commands):
     def kill(self, subprocess_id: str) -> dict[str, Any]:
         return dict(self.request("kill", subprocess_id=subprocess_id))
 
+    def restart(self, subprocess_id: str, grace_s: float | None = None) -> dict[str, Any]:
+        return dict(self.request("restart", subprocess_id=subprocess_id, grace_s=grace_s))
+
     def queue(self) -> dict[str, Any]:
         return dict(self.request("queue"))
 
@@ -218,9 +227,10 @@ class Client(_Commands):
             if on_launched is not None:
                 on_launched(result)
             for event in events:
-                if event.get("subprocess_id") == result["subprocess_id"] and not event.get(
-                    "requeued"
-                ):
+                if event.get("subprocess_id") != result["subprocess_id"]:
+                    continue
+                # A run followed by another (requeued, or restarted) is not the end yet.
+                if not event.get("requeued") and event.get("next_restart_s") is None:
                     return result, event
         raise DaemonNotRunning("the daemon went away before the agent ended")
 
@@ -333,6 +343,9 @@ class AsyncClient(_Commands):
 
     async def kill(self, subprocess_id: str) -> dict[str, Any]:
         return dict(await self.request("kill", subprocess_id=subprocess_id))
+
+    async def restart(self, subprocess_id: str, grace_s: float | None = None) -> dict[str, Any]:
+        return dict(await self.request("restart", subprocess_id=subprocess_id, grace_s=grace_s))
 
     async def queue(self) -> dict[str, Any]:
         return dict(await self.request("queue"))

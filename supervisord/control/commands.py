@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import pwd
 from collections.abc import Mapping
+from contextlib import suppress
 from typing import Any, NoReturn, Protocol
 
 import anyio
@@ -15,9 +16,10 @@ from supervisord.control import authz
 from supervisord.control.authz import Denial
 from supervisord.control.peers import Peer
 from supervisord.control.protocol import PROTOCOL_VERSION, Request
-from supervisord.core.errors import PermissionDenied, UsageError
+from supervisord.core.errors import NotFoundError, PermissionDenied, UsageError
 from supervisord.core.kinds import EndReason
 from supervisord.core.limits import LIMIT_KEYS
+from supervisord.core.restart import RESTART_KEYS
 from supervisord.core.scheduling import SCHEDULING_KEYS
 from supervisord.core.units import MIB
 from supervisord.host import sampler
@@ -69,9 +71,13 @@ class Commands:
             case "stop":
                 return await self.stop(args["subprocess_id"], args.get("grace_s"), peer)
             case "kill":
+                if pending := self._between_runs(args["subprocess_id"], peer, "kill"):
+                    return pending
                 self._owned(args["subprocess_id"], peer, "kill", "end")
                 ended = await self.supervisor.stop(args["subprocess_id"], 0.0, EndReason.STOPPED)
                 return ended.record()
+            case "restart":
+                return await self.restart(args["subprocess_id"], args.get("grace_s"), peer)
             case "queue":
                 return self.queue(peer)
             case "cancel":
@@ -88,12 +94,38 @@ class Commands:
     async def stop(self, subprocess_id: str, grace: float | None, peer: Peer) -> dict[str, Any]:
         if grace is not None and grace < 0:
             raise UsageError(f"stop: grace_s must be >= 0, got {grace}")
+        if pending := self._between_runs(subprocess_id, peer, "stop"):
+            return pending
         agent = self._owned(subprocess_id, peer, "stop", "end")
         if grace is not None and (
             denial := authz.grace_denial(peer.uid, agent.id, grace, agent.limits.term_grace_s)
         ):
             _deny(peer, "stop", denial)
         return (await self.supervisor.stop(agent.id, grace)).record()
+
+    async def restart(self, subprocess_id: str, grace: float | None, peer: Peer) -> dict[str, Any]:
+        if grace is not None and grace < 0:
+            raise UsageError(f"restart: grace_s must be >= 0, got {grace}")
+        self._owner_may(subprocess_id, peer, "restart", "restart")
+        if grace is not None and subprocess_id in self.supervisor.agents:
+            term_grace = self.supervisor.agents[subprocess_id].limits.term_grace_s
+            if denial := authz.grace_denial(peer.uid, subprocess_id, grace, term_grace):
+                _deny(peer, "restart", denial)
+        return await self.supervisor.restart(subprocess_id, grace)
+
+    def _between_runs(self, subprocess_id: str, peer: Peer, cmd: str) -> dict[str, Any] | None:
+        """``stop`` or ``kill`` of an agent whose next run is due: no run comes again."""
+        if subprocess_id not in self.supervisor.restarts:
+            return None
+        self._owner_may(subprocess_id, peer, cmd, "end")
+        return self.supervisor.end_restarts(subprocess_id, f"{cmd} from uid {peer.uid}")
+
+    def _owner_may(self, subprocess_id: str, peer: Peer, cmd: str, verb: str) -> None:
+        """Refuse ``peer`` unless it may ``verb`` this agent, wherever it is (running,
+        waiting, between runs, or lately ended)."""
+        owner = self.supervisor.owner_of(subprocess_id)
+        if denial := authz.owner_denial(peer.uid, subprocess_id, owner, verb):
+            _deny(peer, cmd, denial)
 
     def _owned(self, subprocess_id: str, peer: Peer, cmd: str, verb: str) -> Agent:
         """The agent, if ``peer`` may ``verb`` it: admins any, users only those they launched."""
@@ -134,6 +166,17 @@ class Commands:
             "agent_count": len(visible),
             # Compact rows: status stays fast with hundreds of agents; stats has the detail.
             "agents": [a.row(now) for a in visible],
+            **self._waiting_rows(peer),
+            "failed": self.supervisor.dependencies.failed(authz.owner_filter(peer.uid)),
+        }
+
+    def _waiting_rows(self, peer: Peer) -> dict[str, list[dict[str, Any]]]:
+        """Agents between runs, and launches waiting for others."""
+        owner = authz.owner_filter(peer.uid)
+        supervisor = self.supervisor
+        return {
+            "restarting": supervisor.restarts.rows(supervisor.clock(), owner),
+            "waiting": supervisor.dependencies.rows(owner),
         }
 
     async def launch(self, args: Mapping[str, Any], peer: Peer) -> dict[str, Any]:
@@ -146,11 +189,16 @@ class Commands:
         if "timeout_s" in args:
             limits["timeout_s"] = args["timeout_s"]
         scheduling = {k: args[k] for k in SCHEDULING_KEYS if k in args}
+        restart = {k: args[k] for k in RESTART_KEYS if k in args}
         if not args.get("command") and args.get("task") is None:
             raise UsageError('launch: give either "command" (a list) or "task" (a string)')
         self._check_limits(
-            args["agent_type"], limits, scheduling, bool(args.get("force", False)), peer
+            args["agent_type"], limits, scheduling, restart, bool(args.get("force", False)), peer
         )
+        after = tuple(dict.fromkeys(args.get("after", [])))
+        for subprocess_id in after:
+            with suppress(NotFoundError):  # said, naming the argument, by the supervisor
+                self._owner_may(subprocess_id, peer, "launch", "wait for")
         request = LaunchRequest(
             agent_type=args["agent_type"],
             command=tuple(args["command"]) if args.get("command") else None,
@@ -163,8 +211,13 @@ class Commands:
             owner_uid=peer.uid,
             scheduling=scheduling,
             queue=not args.get("no_queue", False),
+            restart=restart,
+            after=after,
         )
-        started = await self.supervisor.launch(request)
+        return self._launched(await self.supervisor.launch(request))
+
+    def _launched(self, started: Agent | Queued) -> dict[str, Any]:
+        """The launch's answer: the agent started, or the launch waiting (and why)."""
         if isinstance(started, Queued):
             waiting = started.waiting
             return {
@@ -175,6 +228,8 @@ class Commands:
                 "command": list(waiting.command),
                 "log": str(self.supervisor.home.agent_log(waiting.subprocess_id)),
                 **waiting.row(started.position),
+                "after": list(waiting.request.after),
+                "session_uuid": waiting.lineage.session_uuid,
             }
         agent = started
         return {
@@ -187,6 +242,8 @@ class Commands:
             "log": str(self.supervisor.home.agent_log(agent.id)),
             "request_mb": agent.request_mb,
             "priority": agent.scheduling.priority,
+            "restart": agent.restart.restart,
+            "session_uuid": agent.lineage.session_uuid,
         }
 
     def queue(self, peer: Peer) -> dict[str, Any]:
@@ -196,13 +253,15 @@ class Commands:
             "length": len(admission),
             "max_queued": admission.max_queued,
             "host": self.supervisor.host_status(),
+            **self._waiting_rows(peer),
         }
 
     def cancel(self, subprocess_id: str, peer: Peer) -> dict[str, Any]:
-        waiting = self.supervisor.admission.get(subprocess_id)
-        owner = waiting.request.owner_uid
-        if denial := authz.owner_denial(peer.uid, subprocess_id, owner, "cancel"):
-            _deny(peer, "cancel", denial)
+        if subprocess_id in self.supervisor.restarts:
+            return self._between_runs(subprocess_id, peer, "cancel") or {}
+        if subprocess_id not in self.supervisor.dependencies:
+            self.supervisor.admission.get(subprocess_id)  # NotFoundError: in no queue
+        self._owner_may(subprocess_id, peer, "cancel", "cancel")
         reason = f"cancelled by uid {peer.uid}"
         return self.supervisor.cancel(subprocess_id, reason).row(0) | {"reason": reason}
 
@@ -211,6 +270,7 @@ class Commands:
         agent_type: str,
         limits: Mapping[str, Any],
         scheduling: Mapping[str, Any],
+        restart: Mapping[str, Any],
         force: bool,
         peer: Peer,
     ) -> None:
@@ -218,6 +278,7 @@ class Commands:
         config = self.supervisor.config
         requested = config.limits_for(agent_type, limits)
         asked = config.scheduling_for(agent_type, scheduling)  # validates, for admins too
+        restarts = (config.restart_for(agent_type), config.restart_for(agent_type, restart))
         if authz.is_admin(peer.uid):
             return
         in_force = config.limits_for(agent_type)
@@ -230,6 +291,7 @@ class Commands:
             requested,
             force=force,
             scheduling=(default, asked, derived),
+            restarts=restarts,
         ):
             _deny(peer, "launch", denial)
 

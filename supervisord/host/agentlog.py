@@ -27,6 +27,7 @@ import contextlib
 import os
 import stat
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,6 +81,8 @@ class AgentOutput:
         self._log = log
         self._scope: anyio.CancelScope | None = None
         self.failures = 0
+        # Sees every chunk as it is written to the log (the session id is found there).
+        self.tap: Callable[[bytes], object] | None = None
 
     @classmethod
     def detached(cls) -> AgentOutput:
@@ -184,6 +187,16 @@ class AgentOutput:
             return _EOF
         if not data:
             return _EOF
+        if self.tap is not None:
+            self.tap(data)
+        self._write(data)
+        return _COPIED
+
+    def note(self, line: str) -> None:
+        """A line of the daemon's own in the agent's log (between runs, say)."""
+        self._write(line.encode() + b"\n")
+
+    def _write(self, data: bytes) -> None:
         if self._log is not None:
             try:
                 self._log.write(data)
@@ -192,7 +205,6 @@ class AgentOutput:
                 self.failures += 1
                 text = data.decode(errors="replace")
                 sys.stderr.write(f"cannot write {self._log.path}: {exc.strerror or exc}: {text}")
-        return _COPIED
 
     def _ended(self) -> None:
         if self.fifo is not None:

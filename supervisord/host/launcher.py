@@ -58,6 +58,8 @@ class LaunchSpec:
     user: Credentials | None = None
     # The agent's memory cgroup: a shim joins it before exec'ing the command.
     cgroup: AgentCgroup | None = None
+    # A line for the agent's log before its output (a run after the first: which one).
+    banner: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +115,8 @@ def spawn(spec: LaunchSpec, place: OutputPlace) -> Child:
         output, agent_end = AgentOutput.create(place, spec.subprocess_id, spec.log_path, owner)
     except OSError as exc:
         raise LaunchError(f"cannot set up the agent's output: {exc}") from exc
+    if spec.banner is not None:
+        output.note(spec.banner)
     placement = None
     try:
         argv: Sequence[str] = spec.command

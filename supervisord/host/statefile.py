@@ -9,10 +9,10 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 import structlog
@@ -20,23 +20,25 @@ import structlog
 from supervisord.core.records import AgentRecord
 
 STATE_VERSION = 1
+T = TypeVar("T")
 log = structlog.get_logger("supervisord.host.statefile")
 
 
+# What waits to run, besides the agents that run: the admission queue, runs due again after
+# their restart delay, launches that wait for other agents.
+WAITING_SECTIONS = ("queue", "restarts", "after")
+Waiting = Mapping[str, list[dict[str, Any]]]
+
+
 def save(
-    path: Path,
-    daemon_pid: int,
-    agents: list[dict[str, Any]],
-    queue: list[dict[str, Any]] | None = None,
+    path: Path, daemon_pid: int, agents: list[dict[str, Any]], waiting: Waiting | None = None
 ) -> None:
-    """Write the state (agents as ``as_dict`` made them, and the launches waiting in the
-    admission queue); blocks: call it from a thread."""
-    document = {
-        "version": STATE_VERSION,
-        "daemon_pid": daemon_pid,
-        "agents": agents,
-        "queue": queue or [],
-    }
+    """Write the state (agents as ``as_dict`` made them, and each of WAITING_SECTIONS);
+    blocks: call it from a thread."""
+    document: dict[str, Any] = {"version": STATE_VERSION, "daemon_pid": daemon_pid}
+    document["agents"] = agents
+    for section in WAITING_SECTIONS:
+        document[section] = list((waiting or {}).get(section, []))
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     # No fsync: the file must survive the daemon's crash, which the page cache does; after
     # the machine's crash there is no agent left to re-adopt anyway. The rename keeps it whole.
@@ -53,6 +55,8 @@ class State:
     records: list[AgentRecord] = field(default_factory=list)
     queue: list[dict[str, Any]] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    restarts: list[dict[str, Any]] = field(default_factory=list)
+    after: list[dict[str, Any]] = field(default_factory=list)
 
 
 def load(path: Path) -> State:
@@ -71,11 +75,29 @@ def load(path: Path) -> State:
             records.append(AgentRecord(**entry))
         except TypeError as exc:
             problems.append(f"{path}: agent entry {n} is malformed ({exc}); skipped")
-    queue = document.get("queue", [])
-    if not isinstance(queue, list) or not all(isinstance(e, dict) for e in queue):
-        problems.append(f"{path}: the queue is malformed; no queued launch restored")
-        queue = []
-    return State(records, queue, problems)
+    sections: dict[str, list[dict[str, Any]]] = {}
+    for section in WAITING_SECTIONS:
+        entries = document.get(section, [])
+        if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+            problems.append(f"{path}: the {section} section is malformed; none of it restored")
+            entries = []
+        sections[section] = entries
+    return State(records, sections["queue"], problems, sections["restarts"], sections["after"])
+
+
+def parse_entries(
+    entries: Iterable[Mapping[str, Any]], parse: Callable[[Mapping[str, Any], int], T], noun: str
+) -> tuple[list[T], list[str]]:
+    """Each entry of a waiting section parsed (``parse(entry, n)``), and a problem for each
+    that is malformed: one bad entry never costs the others."""
+    parsed: list[T] = []
+    problems: list[str] = []
+    for n, entry in enumerate(entries):
+        try:
+            parsed.append(parse(entry, n))
+        except (KeyError, TypeError, ValueError) as exc:
+            problems.append(f"{noun} {n} is malformed ({exc!r}); dropped")
+    return parsed, problems
 
 
 Entries = Callable[[], list[tuple[bool, dict[str, Any]]]]
@@ -94,14 +116,14 @@ class StateWriter:
         path: Path,
         entries: Entries,
         *,
-        queue: Callable[[], list[dict[str, Any]]] = list,
+        queue: Callable[[], Waiting] = dict,
         clock: Callable[[], float] = time.monotonic,
         interval_s: float = 1.0,
     ) -> None:
         self.path = path
         self._entries = entries
         self._queue = queue
-        self._last_queue: list[dict[str, Any]] = []
+        self._last_queue: Waiting = {}
         self._clock = clock
         self._interval_s = interval_s
         self._wake = anyio.Event()

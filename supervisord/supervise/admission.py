@@ -22,7 +22,9 @@ from supervisord.core.events import QueueEvent
 from supervisord.core.history import PeakHistory
 from supervisord.core.kinds import EventType
 from supervisord.core.limits import Limits
+from supervisord.core.lineage import Lineage
 from supervisord.core.scheduling import Scheduling
+from supervisord.host.statefile import parse_entries
 from supervisord.supervise.launchplan import LaunchRequest
 
 
@@ -38,6 +40,8 @@ class Waiting:
     seq: int
     queued_wall: datetime = field(default_factory=lambda: datetime.now(UTC))
     reason: str = ""
+    # Its session and runs so far: a restart or a requeue carries them to the next run.
+    lineage: Lineage = field(default_factory=Lineage)
 
     @property
     def priority(self) -> int:
@@ -56,7 +60,8 @@ class Waiting:
             "owner_uid": self.request.owner_uid,
         }
 
-    def as_dict(self) -> dict[str, Any]:
+    def as_dict(self, wall_offset: float) -> dict[str, Any]:
+        """For run/state.json (``wall_offset``: see ``Lineage.as_dict``)."""
         return {
             "subprocess_id": self.subprocess_id,
             "request": self.request.as_dict(),
@@ -64,10 +69,11 @@ class Waiting:
             "scheduling": self.scheduling.as_dict(),
             "request_mb": self.request_mb,
             "queued_wall": self.queued_wall.isoformat(),
+            "lineage": self.lineage.as_dict(wall_offset),
         }
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any], seq: int) -> Waiting:
+    def from_dict(cls, data: Mapping[str, Any], seq: int, wall_offset: float = 0.0) -> Waiting:
         return cls(
             subprocess_id=data["subprocess_id"],
             request=LaunchRequest.from_dict(data["request"]),
@@ -76,6 +82,7 @@ class Waiting:
             request_mb=float(data["request_mb"]),
             seq=seq,
             queued_wall=datetime.fromisoformat(data["queued_wall"]),
+            lineage=Lineage.from_dict(data.get("lineage"), wall_offset),
         )
 
 
@@ -146,9 +153,18 @@ class Admission:
         command: tuple[str, ...],
         scheduling: Scheduling,
         request_mb: float,
+        lineage: Lineage | None = None,
     ) -> Waiting:
         self._seq += 1
-        return Waiting(subprocess_id, request, command, scheduling, request_mb, self._seq)
+        return Waiting(
+            subprocess_id,
+            request,
+            command,
+            scheduling,
+            request_mb,
+            self._seq,
+            lineage=lineage or Lineage(),
+        )
 
     def check(self, waiting: Waiting, claims: Iterable[Claim], available_mb: float) -> Verdict:
         """Whether it may start now: it fits, and nothing waits ahead of it."""
@@ -168,19 +184,19 @@ class Admission:
         self._queue.sort(key=lambda w: (-w.priority, w.seq))
         return self.position(waiting.subprocess_id)
 
-    def restore(self, entries: Iterable[Mapping[str, Any]]) -> tuple[list[Waiting], list[str]]:
+    def restore(
+        self, entries: Iterable[Mapping[str, Any]], wall_offset: float = 0.0
+    ) -> tuple[list[Waiting], list[str]]:
         """Launches a previous daemon left waiting, in their order; and a problem per entry
         that could not be read."""
-        restored: list[Waiting] = []
-        problems: list[str] = []
-        for n, entry in enumerate(entries):
-            self._seq += 1
-            try:
-                waiting = Waiting.from_dict(entry, self._seq)
-            except (KeyError, TypeError, ValueError) as exc:
-                problems.append(f"queued launch {n} is malformed ({exc!r}); dropped")
-                continue
-            restored.append(waiting)
+        first = self._seq + 1
+        restored, problems = parse_entries(
+            entries,
+            lambda entry, n: Waiting.from_dict(entry, first + n, wall_offset),
+            "queued launch",
+        )
+        self._seq += len(restored) + len(problems)
+        for waiting in restored:
             self._queue.append(replace(waiting, reason="restored from run/state.json"))
         self._queue.sort(key=lambda w: (-w.priority, w.seq))
         return restored, problems
@@ -220,5 +236,5 @@ class Admission:
             if owner_uid is None or w.request.owner_uid == owner_uid
         ]
 
-    def entries(self) -> list[dict[str, Any]]:
-        return [w.as_dict() for w in self._queue]
+    def entries(self, wall_offset: float) -> list[dict[str, Any]]:
+        return [w.as_dict(wall_offset) for w in self._queue]

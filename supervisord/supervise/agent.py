@@ -16,8 +16,10 @@ from supervisord.core.events import AlertEvent, ExitEvent, LaunchEvent, MemorySt
 from supervisord.core.identity import Identity
 from supervisord.core.kinds import AlertKind, EndReason, Level
 from supervisord.core.limits import Limits
+from supervisord.core.lineage import Lineage
 from supervisord.core.policy import Action, Alert
 from supervisord.core.records import AgentRecord
+from supervisord.core.restart import Next, RestartPolicy
 from supervisord.core.scheduling import Scheduling
 from supervisord.core.tracker import Tracking
 from supervisord.core.units import MIB
@@ -54,6 +56,13 @@ class Agent:
     request: LaunchRequest | None = None
     # The last sample taken of its tree (None before the first).
     sample: TreeSample | None = None
+    # Its command before the placeholders of this run were filled in: the next run's.
+    template: tuple[str, ...] = ()
+    lineage: Lineage = field(default_factory=Lineage)
+    restart: RestartPolicy = field(default_factory=RestartPolicy)
+    # What follows this run, decided as its tree is gone (None: nothing, it ended for good).
+    next: Next | None = None
+    signalled_before_exit: bool = False
     _entry_key: tuple[Any, ...] | None = None
     _entry: dict[str, Any] | None = None
 
@@ -70,6 +79,9 @@ class Agent:
         *,
         scheduling: Scheduling,
         request_mb: float,
+        template: tuple[str, ...],
+        lineage: Lineage,
+        restart: RestartPolicy,
     ) -> Agent:
         """An agent just spawned for ``request``."""
         return cls(
@@ -87,6 +99,9 @@ class Agent:
             scheduling=scheduling,
             request_mb=request_mb,
             request=request,
+            template=template,
+            lineage=lineage,
+            restart=restart,
         )
 
     def claim(self, now: float) -> Claim:
@@ -137,7 +152,14 @@ class Agent:
             "on_pressure": self.scheduling.on_pressure,
             **self.projection().as_dict(),
             **self.memory_figures(),
+            **self.run_figures(),
+            "restart": self.restart.restart,
+            "session_uuid": self.lineage.session_uuid,
+            "session_id": self.lineage.session_id,
         }
+
+    def run_figures(self) -> dict[str, int]:
+        return {"run": self.lineage.run, "restarts": self.lineage.runs.restarts}
 
     def memory_figures(self) -> dict[str, Any]:
         """What ``current_mb`` measured, and the tree counted the other cheap ways: the sum
@@ -180,6 +202,7 @@ class Agent:
             "process_count": len(self.members),
             "duration_seconds": round(now - self.state.started_at, 1),
             "max_mb": self.limits.max_mb,
+            **self.run_figures(),
         }
 
     def requeues(self, reason: EndReason) -> bool:
@@ -261,6 +284,7 @@ class Agent:
             term_to_gone_s=term_to_gone_s,
             requeued=self.requeues(reason),
             owner_uid=self.owner_uid,
+            run=self.lineage.run,
         )
 
     def state_entry(self) -> tuple[bool, dict[str, Any]]:
@@ -279,6 +303,7 @@ class Agent:
             self.members,
             self.tracking.start_mb,
             self.limits,
+            self.lineage,
         )
         if key != self._entry_key or self._entry is None:
             self._entry_key, self._entry = key, self.snapshot().as_dict()
@@ -310,7 +335,13 @@ class Agent:
             scheduling=self.scheduling.as_dict(),
             request_mb=self.request_mb,
             launch=None if self.request is None else self.request.as_dict(),
+            template=list(self.template),
+            lineage=self.lineage.as_dict(self._wall_offset()),
         )
+
+    def _wall_offset(self) -> float:
+        """Wall-clock seconds minus the supervisor's clock, from when this run started."""
+        return self.started_wall.timestamp() - self.state.started_at
 
     def _wall(self, at: float | None) -> str | None:
         """A monotonic instant of this agent's life as wall-clock time, for state.json."""
@@ -320,7 +351,12 @@ class Agent:
 
     @classmethod
     def restore(
-        cls, record: AgentRecord, child: Child, limits: Limits, now: float
+        cls,
+        record: AgentRecord,
+        child: Child,
+        limits: Limits,
+        now: float,
+        restart: RestartPolicy | None = None,
     ) -> tuple[Agent, list[Action]]:
         """An agent a previous daemon left running, as that daemon last saw it, and what to do
         about it now (an escalation that daemon began goes on where it was)."""
@@ -364,5 +400,8 @@ class Agent:
             scheduling=Scheduling(**record.scheduling),
             request_mb=record.request_mb if record.request_mb is not None else limits.warning_mb,
             request=None if record.launch is None else LaunchRequest.from_dict(record.launch),
+            template=tuple(record.template or record.command),
+            lineage=Lineage.from_dict(record.lineage, wall_now.timestamp() - now),
+            restart=restart or RestartPolicy(),
         )
         return agent, actions

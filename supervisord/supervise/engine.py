@@ -234,6 +234,8 @@ class Engine:
 
     async def _watch_exit(self, agent: Agent) -> None:
         agent.exit = await launcher.wait_exit(agent.child)
+        # Whether a signal that ended it could be the daemon's (a restart policy's failure).
+        agent.signalled_before_exit = agent.signalled_at is not None
         log.info("agent_exited", subprocess_id=agent.id, status=agent.exit.describe())
         # What the agent leaves behind is stopped too: an orphaned helper is still its tree.
         agent.state, actions = policy.root_exited(
@@ -293,24 +295,26 @@ class Engine:
                     peak_mb = round(peak / MIB, 1)
         gone_s = None if agent.signalled_at is None else round(now - agent.signalled_at, 4)
         agent.child.output.finish()  # its log is whole before its record says it ended
-        event = agent.exit_event(now, cgroup_peak_mb=peak_mb, term_to_gone_s=gone_s)
+        event = self._closing(
+            agent, agent.exit_event(now, cgroup_peak_mb=peak_mb, term_to_gone_s=gone_s)
+        )
         self.records.exit(event)
         agent.final = event
         del self.agents[agent.id]
         self._sampler.forget(agent.id)
         if agent.cgroup_scope is not None:
             agent.cgroup_scope.cancel()
-        if not self._ended(agent, event) and agent.cgroup is not None:
-            self._retire_later(agent.cgroup)
-        self.state_writer.request(force=True)
-        self._wake.set()  # its memory is back: a queued launch may fit now
         log.info(
             "agent_finished",
             subprocess_id=agent.id,
             reason=event.reason.value,
             peak_mb=round(agent.state.peak_mb, 1),
         )
-        self.bus.publish(event)
+        self.bus.publish(event)  # before what follows from it (a restart, say)
+        if not self._ended(agent, event) and agent.cgroup is not None:
+            self._retire_later(agent.cgroup)
+        self.state_writer.request(force=True)
+        self._wake.set()  # its memory is back: a queued launch may fit now
         agent.done.set()
 
     # -- hooks --------------------------------------------------------------------------------
@@ -325,8 +329,13 @@ class Engine:
         """How long the loop may sleep at most, whatever the agents' schedule says."""
         return float("inf")
 
-    def _queue_entries(self) -> list[dict[str, Any]]:
-        return []
+    def _queue_entries(self) -> dict[str, list[dict[str, Any]]]:
+        """What waits to run, by run/state.json section (``queue``, ``restarts``, ...)."""
+        return {}
+
+    def _closing(self, agent: Agent, event: ExitEvent) -> ExitEvent:
+        """An agent's tree is gone: its stats record, as it is about to be written."""
+        return event
 
     def _ended(self, agent: Agent, event: ExitEvent) -> bool:
         """An agent's tree is gone and its record written; True: its cgroup is taken care

@@ -39,6 +39,10 @@ class LaunchRequest:
     scheduling: Mapping[str, Any] = field(default_factory=dict)
     # False: refuse rather than wait when it does not fit the budget now.
     queue: bool = True
+    # The restart keys of this launch (over its type's policy).
+    restart: Mapping[str, Any] = field(default_factory=dict)
+    # Start only once these agents have ended with exit code 0 (pueue's --after).
+    after: tuple[str, ...] = ()
 
     def as_dict(self) -> dict[str, Any]:
         """For run/state.json: a queued launch survives a daemon restart."""
@@ -56,6 +60,8 @@ class LaunchRequest:
             "owner_uid": self.owner_uid,
             "scheduling": dict(self.scheduling),
             "queue": self.queue,
+            "restart": dict(self.restart),
+            "after": list(self.after),
         }
 
     @classmethod
@@ -74,6 +80,8 @@ class LaunchRequest:
             owner_uid=data.get("owner_uid"),
             scheduling=dict(data.get("scheduling") or {}),
             queue=bool(data.get("queue", True)),
+            restart=dict(data.get("restart") or {}),
+            after=tuple(data.get("after") or ()),
         )
 
 
@@ -129,7 +137,11 @@ def spec_for(
     command: tuple[str, ...],
     log_path: Path,
     cgroup: AgentCgroup | None,
+    run_env: Mapping[str, str] | None = None,
+    banner: str | None = None,
 ) -> LaunchSpec:
+    """``run_env``: what the daemon tells this run of itself (its number, its session),
+    over everything else; ``banner``: the line the agent's log gets before its output."""
     agent_type = config.agent_type(request.agent_type)
     return LaunchSpec(
         subprocess_id=subprocess_id,
@@ -137,9 +149,15 @@ def spec_for(
         command=command,
         log_path=log_path,
         cwd=request.cwd or agent_type.cwd,
-        env={**base_environment(request.user), **agent_type.env, **request.env},
+        env={
+            **base_environment(request.user),
+            **agent_type.env,
+            **request.env,
+            **(run_env or {}),
+        },
         user=request.user,
         cgroup=cgroup,
+        banner=banner,
     )
 
 

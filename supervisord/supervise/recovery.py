@@ -15,6 +15,7 @@ from supervisord.core.kinds import EndReason
 from supervisord.core.limits import Limits
 from supervisord.core.policy import Action
 from supervisord.core.records import AgentRecord, lost_event
+from supervisord.core.restart import RestartPolicy
 from supervisord.host import launcher, procfs
 from supervisord.host.agentlog import OutputPlace
 from supervisord.host.cgroup.backstop import Backstop
@@ -57,10 +58,19 @@ def resume(
         limits = config.limits_for(record.agent_type, record.overrides)
     except SupervisordError:
         limits = Limits(**record.limits)  # Its type's section changed; keep its own.
-    agent, actions = Agent.restore(record, child, limits, now)
+    agent, actions = Agent.restore(record, child, limits, now, _restart_policy(record, config))
     if backstop is not None:
         agent.cgroup = backstop.adopt(agent.id)
     return Resumed(agent, actions)
+
+
+def _restart_policy(record: AgentRecord, config: Config) -> RestartPolicy:
+    """Its policy as the config now says (the launch's own keys over its type's)."""
+    overrides = (record.launch or {}).get("restart") or {}
+    try:
+        return config.restart_for(record.agent_type, overrides)
+    except SupervisordError:
+        return RestartPolicy()  # Its type's section changed under it: no restarts then.
 
 
 def leftover_records(backstop: Backstop, config: Config) -> list[AgentRecord]:
