@@ -24,6 +24,7 @@ from tests.conftest import (
     read_jsonl,
     simagent,
     wait_output,
+    write_config,
 )
 
 pytestmark = pytest.mark.anyio
@@ -389,3 +390,19 @@ def test_runs_and_waiting_launches_survive_a_daemon_crash(daemon: DaemonProcess)
             time.sleep(0.05)
     runs = [(r["run"], r["reason"]) for r in records_of(daemon, sid)]
     assert runs == [(1, "restart"), (2, "exited")]
+
+
+async def test_reload_gives_a_running_agent_its_types_new_policy(daemon: DaemonProcess) -> None:
+    async with daemon.async_client() as client, daemon.async_client() as sub:
+        events = await Events(sub).start()
+        started = await client.launch("flaky", ["sh", "-c", "sleep 1; exit 1"])
+        sid = started["subprocess_id"]
+        assert (await client.stats(sid))["restart"] == "no"
+        write_config(
+            daemon.home, agents={"flaky": {"restart": "on-failure", "restart_delay_s": 0.1}}
+        )
+        await client.reload({})
+        assert (await client.stats(sid))["restart"] == "on-failure"
+        due = await events.next_matching(10, type="restarting", subprocess_id=sid)
+        await client.stop(sid)
+    assert (due["run"], due["exit_code"]) == (1, 1)

@@ -19,6 +19,7 @@ from supervisord.core import budget as budgeting
 from supervisord.core import policy, resume
 from supervisord.core.errors import (
     CgroupError,
+    ConfigError,
     LaunchError,
     LaunchRefused,
     NotFoundError,
@@ -27,6 +28,7 @@ from supervisord.core.events import ExitEvent
 from supervisord.core.kinds import EndReason, EventType
 from supervisord.core.lineage import Lineage
 from supervisord.core.records import AgentRecord
+from supervisord.core.restart import RestartPolicy
 from supervisord.host import launcher
 from supervisord.host.agentlog import OutputPlace
 from supervisord.host.statefile import State
@@ -285,6 +287,7 @@ class Supervisor(Lifecycle):
                 self.backstop.apply(agent.cgroup, agent.limits)
                 self._watch_kernel(agent)
             agent.next_due = self.clock()  # held to the new limits at once, not at next tick
+            agent.restart = _policy(config, agent)
         self._apply_host(config)
         self.config = config
         self._wake.set()
@@ -292,6 +295,16 @@ class Supervisor(Lifecycle):
     async def _stop_quietly(self, subprocess_id: str, reason: EndReason) -> None:
         with suppress(NotFoundError):  # It may have ended on its own meanwhile.
             await self.stop(subprocess_id, reason=reason)
+
+
+def _policy(config: Config, agent: Agent) -> RestartPolicy:
+    """A running agent's restart policy under a new config: its type's, then its launch's
+    own keys (kept as they were when those no longer fit the type's new section)."""
+    overrides = {} if agent.request is None else agent.request.restart
+    try:
+        return config.restart_for(agent.agent_type, overrides)
+    except ConfigError:
+        return agent.restart
 
 
 def _run_environment(lineage: Lineage) -> dict[str, str]:
