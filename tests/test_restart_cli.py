@@ -81,3 +81,22 @@ def test_bad_restart_flags_are_refused_naming_them(cli: CLI, flags: list[str], n
     assert done.returncode in (1, 2), done
     assert named in done.stderr
     assert json.loads(cli.ok("status", "--json"))["agents"] == []
+
+
+def test_logs_follow_goes_on_through_the_restarts(cli: CLI) -> None:
+    sid = cli.ok(
+        "launch",
+        "flaky",
+        "--restart",
+        "on-failure",
+        "--restart-delay",
+        "0.2",
+        "--restart-limit",
+        "2",
+        "--",
+        "sh",
+        "-c",
+        'echo "run $CLAUDE_PM_RUN of $CLAUDE_PM_RESTARTS"; sleep 0.5; exit 1',
+    ).strip()
+    out = cli.ok("logs", sid, "--follow", timeout_s=20)
+    assert out.index("run 1 of 0") < out.index(f"{sid} run 2 (restart 1)") < out.index("run 2 of 1")

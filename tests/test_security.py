@@ -115,8 +115,15 @@ def attempt(call: Callable[[], Any]) -> dict[str, Any]:
 
 
 def environ_of(pid: int) -> dict[str, str]:
-    raw = Path(f"/proc/{pid}/environ").read_bytes().decode()
-    return dict(item.split("=", 1) for item in raw.split("\0") if "=" in item)
+    """Its environment, once readable: mid-exec (the cgroup shim becoming the agent) the
+    kernel shows an empty one for a moment."""
+    deadline = time.monotonic() + 5
+    while True:
+        raw = Path(f"/proc/{pid}/environ").read_bytes().decode()
+        env = dict(item.split("=", 1) for item in raw.split("\0") if "=" in item)
+        if MARKER_ENV in env or time.monotonic() > deadline:
+            return env
+        time.sleep(0.01)
 
 
 def denials(home: Home, count: int, timeout_s: float = 5.0) -> list[dict[str, Any]]:

@@ -238,7 +238,8 @@ class Client(_Commands):
         self, subprocess_id: str, path: Path, write: Callable[[bytes], None], poll_s: float = 0.2
     ) -> None:
         """Copy an agent's output log to ``write``, then what it appends, until the agent is
-        gone (or the daemon is); the tail written after that is copied too. When the daemon
+        gone for good (or the daemon is): through its restarts, its log is one file. The
+        tail written after that is copied too. When the daemon
         rotates the log (or recreates it), the rest of the old file is copied, then the new
         one from its start, as ``tail -F`` does."""
         f = open(path, "rb")  # noqa: SIM115 - reopened across rotations below
@@ -253,13 +254,25 @@ class Client(_Commands):
                     f = open(path, "rb")  # noqa: SIM115
                     continue
                 try:
-                    self.stats(subprocess_id)
-                except (NotFoundError, DaemonNotRunning):
+                    going_on = self._will_run(subprocess_id)
+                except DaemonNotRunning:
+                    going_on = False
+                if not going_on:
                     write(f.read())
                     return
                 time.sleep(poll_s)
         finally:
             f.close()
+
+    def _will_run(self, subprocess_id: str) -> bool:
+        """It runs, or waits to run again (between runs, queued, after others)."""
+        try:
+            self.stats(subprocess_id)
+        except NotFoundError:
+            listing = self.queue()
+            rows = (*listing["queue"], *listing.get("restarting", []), *listing.get("waiting", []))
+            return any(row["subprocess_id"] == subprocess_id for row in rows)
+        return True
 
 
 def _replaced(f: Any, path: Path) -> bool:

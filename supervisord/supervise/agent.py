@@ -152,14 +152,12 @@ class Agent:
             "on_pressure": self.scheduling.on_pressure,
             **self.projection().as_dict(),
             **self.memory_figures(),
-            **self.run_figures(),
+            "run": self.lineage.runs.run,
+            "restarts": self.lineage.runs.run - 1,
             "restart": self.restart.restart,
             "session_uuid": self.lineage.session_uuid,
             "session_id": self.lineage.session_id,
         }
-
-    def run_figures(self) -> dict[str, int]:
-        return {"run": self.lineage.run, "restarts": self.lineage.runs.restarts}
 
     def memory_figures(self) -> dict[str, Any]:
         """What ``current_mb`` measured, and the tree counted the other cheap ways: the sum
@@ -202,7 +200,8 @@ class Agent:
             "process_count": len(self.members),
             "duration_seconds": round(now - self.state.started_at, 1),
             "max_mb": self.limits.max_mb,
-            **self.run_figures(),
+            "run": self.lineage.runs.run,
+            "restarts": self.lineage.runs.run - 1,
         }
 
     def requeues(self, reason: EndReason) -> bool:
