@@ -233,6 +233,41 @@ def test_launch_overrides_are_validated() -> None:
         config.limits_for("Engineer")
 
 
+@pytest.mark.parametrize(
+    ("section", "parts"),
+    [
+        ({"restart": "sometimes"}, ("agents.qa.restart = 'sometimes'", "'on-failure'")),
+        ({"restart_delay_s": -0.5}, ("agents.qa.restart_delay_s", "-0.5")),
+        ({"restart_backoff": 0.9}, ("agents.qa.restart_backoff = 0.9", "factor >= 1")),
+        ({"restart_limit": 0}, ("agents.qa.restart_limit", "0")),
+        ({"resume_command": []}, ("agents.qa.resume_command = []",)),
+        ({"session_pattern": "("}, ("agents.qa.session_pattern = '('", "does not compile")),
+        ({"session_pattern": "(a)(b)"}, ("agents.qa.session_pattern", "has 2 groups")),
+        ({"restart_delay_s": 10, "restart_delay_max_s": 5}, ("restart_delay_max_s = 5",)),
+    ],
+)
+def test_a_types_restart_policy_is_validated_naming_the_key(
+    section: dict[str, Any], parts: tuple[str, ...]
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_config({"agents": {"qa": {"command": ["true"], **section}}})
+    assert_mentions(str(caught.value), *parts)
+
+
+def test_a_types_restart_policy_and_a_launchs_own_keys() -> None:
+    config = parse_config(
+        {"agents": {"qa": {"restart": "on-failure", "restart_limit": 2, "restart_delay_s": 3}}}
+    )
+    assert config.restart_for("qa").restart_limit == 2
+    launched = config.restart_for("qa", {"restart": "always", "restart_delay_s": 0.5})
+    assert (launched.restart, launched.restart_delay_s, launched.restart_limit) == (
+        "always",
+        0.5,
+        2,
+    )
+    assert config.restart_for("other").restart == "no"
+
+
 # -- invalid values -------------------------------------------------------------------------
 
 
