@@ -1,4 +1,5 @@
-"""``python -m bench [overhead] [leak] [control] [launch] [fleet] [--quick] [--json PATH]``.
+"""``python -m bench [BENCH ...] [--quick] [--json PATH]``, BENCH of overhead, leak, control,
+launch, restart, fleet.
 
 Runs the chosen benchmarks (all by default) one after the other, never two at once (they
 would measure each other), prints the table and writes the JSON. A benchmark that fails is
@@ -24,7 +25,7 @@ from bench.common import (
     write_json,
 )
 
-BENCHES = ("overhead", "leak", "control", "launch", "fleet")
+BENCHES = ("overhead", "leak", "control", "launch", "restart", "fleet")
 
 
 def main(argv: list[str] | None = None) -> int:

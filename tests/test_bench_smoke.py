@@ -41,6 +41,7 @@ EXPECTED = {
         "control.ping_rps",
     },
     "launch": {"launch.per_s", "launch.p50_ms", "launch.p99_ms"},
+    "restart": {"restart.p50_ms", "restart.p99_ms"},
     "fleet": {
         f"fleet.{figure}"
         for figure in (
