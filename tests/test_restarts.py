@@ -406,3 +406,29 @@ async def test_reload_gives_a_running_agent_its_types_new_policy(daemon: DaemonP
         due = await events.next_matching(10, type="restarting", subprocess_id=sid)
         await client.stop(sid)
     assert (due["run"], due["exit_code"]) == (1, 1)
+
+
+async def test_restart_brings_a_failed_agent_back_with_a_fresh_window(
+    daemon: DaemonProcess,
+) -> None:
+    async with daemon.async_client() as client, daemon.async_client() as sub:
+        events = await Events(sub).start()
+        started = await client.launch(
+            "flaky",
+            simagent("--duration", "0", "--exit-code", "1"),
+            restart={**FAST, "restart": "on-failure", "restart_limit": 1},
+        )
+        sid = started["subprocess_id"]
+        await events.next_matching(10, type="restart_limit", subprocess_id=sid, run=1)
+        assert [f["subprocess_id"] for f in (await client.status())["failed"]] == [sid]
+        again = await client.restart(sid)
+        restarted = await events.next_matching(10, type="restarted", subprocess_id=sid)
+        await events.next_matching(10, type="restart_limit", subprocess_id=sid, run=2)
+        status = await client.status()
+    assert again["run"] == 2
+    assert (restarted["run"], restarted["reason"]) == (2, "restart")
+    assert [f["subprocess_id"] for f in status["failed"]] == [sid]
+    assert [(r["run"], r["next_restart_s"]) for r in records_of(daemon, sid)] == [
+        (1, None),
+        (2, None),
+    ]

@@ -34,6 +34,9 @@ class Outcome:
     failed: bool = False  # its restarts gave up (restart_limit)
     owner_uid: int | None = None
     at: datetime = field(default_factory=lambda: datetime.now(UTC))
+    # A failed agent's next run, should someone `restart` it (as `systemctl restart` does a
+    # unit that hit its start limit).
+    again: Waiting | None = None
 
     def row(self) -> dict[str, Any]:
         return {
@@ -82,6 +85,15 @@ class Dependencies:
             if o.failed and (owner_uid is None or o.owner_uid == owner_uid)
         ]
 
+    def take_failed(self, subprocess_id: str) -> Outcome | None:
+        """A failed agent that can run again, taken: once restarted it is no longer failed
+        (``remember`` it again if it cannot start)."""
+        outcome = self._outcomes.get(subprocess_id)
+        if outcome is None or outcome.again is None:
+            return None
+        del self._outcomes[subprocess_id]
+        return outcome
+
     def add(self, waiting: Waiting, pending: list[str]) -> None:
         self._waits[waiting.subprocess_id] = AfterWait(waiting, pending)
 
@@ -105,7 +117,7 @@ class Dependencies:
         todo = [outcome]
         while todo:
             done = todo.pop()
-            self._remember(done)
+            self.remember(done)
             for wait in list(self._waits.values()):
                 if done.subprocess_id not in wait.pending:
                     continue
@@ -120,7 +132,7 @@ class Dependencies:
                 todo.append(cancelled_outcome(waiting, why))
         return ready, cancelled
 
-    def _remember(self, outcome: Outcome) -> None:
+    def remember(self, outcome: Outcome) -> None:
         self._outcomes[outcome.subprocess_id] = outcome
         self._outcomes.move_to_end(outcome.subprocess_id)
         while len(self._outcomes) > MAX_OUTCOMES:

@@ -161,7 +161,23 @@ class Lifecycle(Fleet):
                 owner_uid=agent.owner_uid,
             )
         )
-        self._final(self._outcome(agent, False, f"failed: {why}", failed=True))
+        outcome = self._outcome(agent, False, f"failed: {why}", failed=True)
+        if agent.request is not None:
+            # Asked for again by hand, it starts a fresh window: no quick failures counted.
+            lineage = agent.lineage.following(agent.state.started_at, streak=0)
+            lineage = replace(lineage, runs=replace(lineage.runs, starts=()))
+            again = Waiting(
+                agent.id,
+                agent.request,
+                agent.template,
+                agent.scheduling,
+                agent.request_mb,
+                0,
+                reason=EndReason.RESTART.value,
+                lineage=lineage,
+            )
+            outcome = replace(outcome, again=again)
+        self._final(outcome)
 
     def _outcome(self, agent: Agent, ok: bool, why: str, *, failed: bool = False) -> Outcome:
         return Outcome(agent.id, agent.agent_type, ok, why, failed, agent.owner_uid)

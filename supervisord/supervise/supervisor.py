@@ -23,6 +23,7 @@ from supervisord.core.errors import (
     LaunchError,
     LaunchRefused,
     NotFoundError,
+    SupervisordError,
 )
 from supervisord.core.events import ExitEvent
 from supervisord.core.kinds import EndReason, EventType
@@ -257,9 +258,21 @@ class Supervisor(Lifecycle):
 
     async def restart(self, subprocess_id: str, grace_s: float | None = None) -> dict[str, Any]:
         """End the run with the usual escalation and start the next at once (same id and
-        session); an agent between runs starts its next now."""
+        session); an agent between runs starts its next now, a failed one again."""
         if subprocess_id in self.restarts:
             return self.restart_pending_now(subprocess_id)
+        if subprocess_id not in self.agents and (
+            failed := self.dependencies.take_failed(subprocess_id)
+        ):
+            assert failed.again is not None
+            run = failed.again.lineage.run
+            log.info("failed_restarted", subprocess_id=subprocess_id, run=run)
+            try:
+                await self._admit(failed.again)
+            except SupervisordError:
+                self.dependencies.remember(failed)
+                raise
+            return {"subprocess_id": subprocess_id, "run": run, "ended": None}
         if self.get(subprocess_id).request is None:
             raise LaunchError(
                 f"{subprocess_id} was adopted without its launch (its state was lost): "
