@@ -35,6 +35,7 @@ from supervisord.core.records import AgentRecord
 from supervisord.host import reaper, statefile, statshistory
 from supervisord.host.cgroup.backstop import Backstop
 from supervisord.host.cgroup.detect import detect, group_name
+from supervisord.host.sysmem import enclosing_mb
 from supervisord.observe import metrics_http, webhooks
 from supervisord.observe.eventlog import EventLog
 from supervisord.supervise.supervisor import Supervisor
@@ -76,7 +77,7 @@ class Daemon:
                 environ.pop(name, None)
             environ.update({k: v for k, v in env.items() if k in ENV_VARIABLES})
         try:
-            config = load_config(self.config_path, environ)
+            config = load_config(self.config_path, environ, enclosing_mb=enclosing_mb())
         except ConfigError as exc:
             log.error("reload_rejected", error=str(exc))
             raise

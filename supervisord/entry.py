@@ -23,6 +23,7 @@ from supervisord import daemon
 from supervisord.config.home import Home, find_home
 from supervisord.config.settings import Config, load_config
 from supervisord.host import sdnotify
+from supervisord.host.sysmem import enclosing_mb
 from supervisord.observe.eventlog import configure_daemon_log
 
 PR_SET_CHILD_SUBREAPER = 36
@@ -54,7 +55,9 @@ def raise_fd_limit() -> int:
 def run(*, detach: bool = False) -> int:
     """Run the daemon for the home found from here; returns the process exit code."""
     home = Home(find_home())
-    config = load_config(home.config_file)  # ConfigError goes to the caller, before any fork.
+    config = load_config(
+        home.config_file, enclosing_mb=enclosing_mb()
+    )  # ConfigError goes to the caller, before any fork.
     daemon.prepare_home(home)
     ready_fd = _detach(home.logs / "daemon-stderr.log") if detach else None
     configure_daemon_log(

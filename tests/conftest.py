@@ -65,8 +65,12 @@ def home(short_tmp: Path) -> Home:
 class DaemonProcess:
     """``claude-pm daemon`` as a real child process, for tests that need the real thing."""
 
-    def __init__(self, home: Home, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, home: Home, env: dict[str, str] | None = None, wrapper: list[str] | None = None
+    ) -> None:
         self.home = home
+        # What the daemon's command runs behind (a shim that joins a cgroup, say).
+        self.wrapper = wrapper or []
         self.env = {**os.environ, "CLAUDE_PM_HOME": str(home.root), **(env or {})}
         # The developer's own CLAUDE_PM_* settings must not leak into a test's daemon.
         for name in ENV_VARIABLES:
@@ -88,7 +92,7 @@ class DaemonProcess:
         # A file, not a pipe nobody reads while the daemon runs: a full pipe blocks the daemon.
         with open(self.stderr_path, "ab") as stderr:
             self.proc = subprocess.Popen(
-                [PYTHON, "-m", "supervisord", "daemon"],
+                [*self.wrapper, PYTHON, "-m", "supervisord", "daemon"],
                 env=self.env,
                 stdin=subprocess.DEVNULL,
                 stderr=stderr,

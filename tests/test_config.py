@@ -674,3 +674,34 @@ def test_launch_max_alone_scales_thresholds_that_do_not_fit() -> None:
     assert (limits.warning_mb, limits.critical_mb) == (75.0, 150.0)
     kept = config.limits_for("engineer", {"max_mb": 300, "warning_mb": 50, "critical_mb": 60})
     assert (kept.warning_mb, kept.critical_mb) == (50.0, 60.0)
+
+
+def test_max_mb_auto_is_90_percent_of_the_enclosing_limit_and_the_others_follow() -> None:
+    config = parse_config(
+        {"memory": {"max_mb": "auto"}, "agents": {"pod": {"max_mb": "auto", "warning_mb": 50}}},
+        enclosing_mb=400.0,
+    )
+    assert (config.limits.warning_mb, config.limits.critical_mb, config.limits.max_mb) == (
+        90.0,
+        180.0,
+        360.0,
+    )
+    pod = config.limits_for("pod")
+    assert (pod.warning_mb, pod.critical_mb, pod.max_mb) == (50.0, 180.0, 360.0)
+    launched = Config(enclosing_mb=1000.0).limits_for("engineer", {"max_mb": "auto"})
+    assert (launched.warning_mb, launched.critical_mb, launched.max_mb) == (225.0, 450.0, 900.0)
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: parse_config({"memory": {"max_mb": "auto"}}),
+        lambda: parse_config({"agents": {"pod": {"max_mb": "auto"}}}),
+        lambda: Config().limits_for("engineer", {"max_mb": "auto"}),
+    ],
+    ids=["memory", "agent-type", "launch"],
+)
+def test_max_mb_auto_outside_any_limited_cgroup_is_refused(build: Any) -> None:
+    with pytest.raises(ConfigError) as caught:
+        build()
+    assert_mentions(str(caught.value), 'max_mb = "auto" needs an enclosing memory limit', "in MB")

@@ -21,6 +21,7 @@ from supervisord.core.errors import (
     UsageError,
 )
 from supervisord.core.kinds import EventType
+from supervisord.host.sysmem import enclosing_mb
 from supervisord.observe import logread, reports
 
 OK, FAILED, USAGE, NOT_RUNNING = 0, 1, 2, 3
@@ -59,7 +60,9 @@ def cmd_init(args: argparse.Namespace) -> int:
     home = _home()
     if background.ensure_home(home):
         print(f"wrote {home.config_file}")
-    load_config(home.config_file)  # Refuse a broken config here, with its message.
+    load_config(
+        home.config_file, enclosing_mb=enclosing_mb()
+    )  # Refuse a broken config here, with its message.
     if args.no_start:
         print(f"home ready at {home.root}")
         return OK
@@ -82,8 +85,10 @@ def _threshold_drift(home: Home) -> list[str]:
     """Thresholds this shell's CLAUDE_PM_* variables set that the running daemon lacks."""
     with Client(resolve_socket(home)) as client:
         memory = client.status()["config"]["memory"]
-    wanted = load_config(home.config_file).limits.as_dict()
-    wanted["check_interval_s"] = load_config(home.config_file).daemon.check_interval_s
+    wanted = load_config(home.config_file, enclosing_mb=enclosing_mb()).limits.as_dict()
+    wanted["check_interval_s"] = load_config(
+        home.config_file, enclosing_mb=enclosing_mb()
+    ).daemon.check_interval_s
     drift = []
     for var, key in ENV_THRESHOLDS.items():
         if var in environment_overrides() and float(memory[key]) != float(wanted[key]):

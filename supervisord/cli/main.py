@@ -94,7 +94,9 @@ def _agent_commands(add: Add) -> None:
     p.add_argument("agent_type", metavar="TYPE")
     p.add_argument("--warning-mb", type=_positive, metavar="N")
     p.add_argument("--critical-mb", type=_positive, metavar="N")
-    p.add_argument("--max-mb", type=_positive, metavar="N")
+    p.add_argument(
+        "--max-mb", type=_max_mb, metavar="N", help='MB, or "auto" (90%% of the enclosing limit)'
+    )
     p.add_argument("--timeout", type=_positive, metavar="S", help="seconds before it is stopped")
     p.add_argument("--grace", type=_non_negative, metavar="S", help="SIGTERM to SIGKILL, seconds")
     p.add_argument("--cwd", metavar="DIR")
@@ -217,6 +219,10 @@ def _positive(text: str) -> float:
     if not value > 0 or value == float("inf"):
         raise argparse.ArgumentTypeError(f"{text!r} must be a number > 0")
     return value
+
+
+def _max_mb(text: str) -> float | str:
+    return "auto" if text == "auto" else _positive(text)
 
 
 def _non_negative(text: str) -> float:

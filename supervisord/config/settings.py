@@ -98,6 +98,8 @@ class Config:
     alerts: AlertSettings = field(default_factory=AlertSettings)
     cgroup: CgroupSettings = field(default_factory=CgroupSettings)
     host: HostSettings = field(default_factory=HostSettings)
+    # The daemon's enclosing memory limit in MB (a container's, a slice's), for max_mb = "auto".
+    enclosing_mb: float | None = None
 
     def agent_type(self, name: str) -> AgentType:
         validate_agent_type(name)
@@ -107,7 +109,8 @@ class Config:
         """The limits of one launch: defaults, then the type's section, then the request's."""
         merged = _apply_limits(self.limits, self.agent_type(agent_type).limits, "")
         if overrides:
-            merged = _apply_limits(merged, overrides, "limits")
+            resolved = resolve_auto(overrides, "limits", self.enclosing_mb)
+            merged = _apply_limits(merged, resolved, "limits")
         return merged.validated(f"limits of {agent_type}")
 
     def scheduling_for(
@@ -143,8 +146,16 @@ def validate_agent_type(name: object) -> str:
     return name
 
 
-def load_config(path: Path | None, environ: Mapping[str, str] | None = None) -> Config:
-    """Read ``path`` (absent is fine) and the environment into a validated :class:`Config`."""
+def load_config(
+    path: Path | None,
+    environ: Mapping[str, str] | None = None,
+    *,
+    enclosing_mb: float | None = None,
+) -> Config:
+    """Read ``path`` (absent is fine) and the environment into a validated :class:`Config`.
+
+    ``enclosing_mb``: the memory limit around the daemon, which ``max_mb = "auto"`` takes 90%
+    of (None: no limit, and "auto" is refused)."""
     env = os.environ if environ is None else environ
     sources = ["defaults"]
     data: dict[str, Any] = {}
@@ -156,7 +167,7 @@ def load_config(path: Path | None, environ: Mapping[str, str] | None = None) -> 
         except OSError as exc:
             raise ConfigError(f"{path}: cannot read: {exc.strerror}") from exc
         sources.append(str(path))
-    config = parse_config(data)
+    config = parse_config(data, enclosing_mb)
     env_limits, env_daemon, used = _from_environment(env)
     if used:
         sources.append("environment: " + ", ".join(used))
@@ -181,15 +192,17 @@ DAEMON_KEYS = frozenset(f.name for f in fields(DaemonSettings)) - {
 AGENT_KEYS = frozenset({"command", "env", "cwd"}) | LIMIT_KEYS | SCHEDULING_KEYS | RESTART_KEYS
 
 
-def parse_config(data: Mapping[str, Any]) -> Config:
+def parse_config(data: Mapping[str, Any], enclosing_mb: float | None = None) -> Config:
     """Validate a parsed TOML document; unknown keys are errors (they are usually typos)."""
     reject_unknown("top level", data, SECTIONS, noun="section")
     memory = table_of(data, "memory")
     reject_unknown("[memory]", memory, MEMORY_KEYS)
+    memory = resolve_auto(memory, "memory", enclosing_mb)
     limits = _apply_limits(Limits(), memory, "memory").validated("memory")
     daemon = _parse_daemon(table_of(data, "daemon"), memory)
     agents = {
-        name: _parse_agent(name, section) for name, section in table_of(data, "agents").items()
+        name: _parse_agent(name, section, enclosing_mb)
+        for name, section in table_of(data, "agents").items()
     }
     metrics = parse_metrics(table_of(data, "metrics"))
     alerts = parse_alerts(table_of(data, "alerts"))
@@ -203,6 +216,7 @@ def parse_config(data: Mapping[str, Any]) -> Config:
         alerts=alerts,
         cgroup=cgroup,
         host=host,
+        enclosing_mb=enclosing_mb,
     )
 
 
@@ -248,7 +262,7 @@ def _check_interval(daemon: DaemonSettings) -> None:
         )
 
 
-def _parse_agent(name: str, section: Any) -> AgentType:
+def _parse_agent(name: str, section: Any, enclosing_mb: float | None = None) -> AgentType:
     where = f"[agents.{name}]"
     try:
         validate_agent_type(name)
@@ -266,7 +280,9 @@ def _parse_agent(name: str, section: Any) -> AgentType:
     if not isinstance(env, Mapping) or not all(isinstance(v, str) for v in env.values()):
         raise ConfigError(f"agents.{name}.env must be a table of strings, got {env!r}")
     cwd = string(f"agents.{name}.cwd", section["cwd"]) if "cwd" in section else None
-    limits = {k: v for k, v in section.items() if k in LIMIT_KEYS}
+    limits = resolve_auto(
+        {k: v for k, v in section.items() if k in LIMIT_KEYS}, f"agents.{name}", enclosing_mb
+    )
     # Validate the type's own values now, so a bad section fails at start, not at launch.
     _apply_limits(Limits(), limits, f"agents.{name}")
     scheduling = apply_scheduling(Scheduling(), section, f"agents.{name}")
@@ -280,6 +296,24 @@ def _parse_agent(name: str, section: Any) -> AgentType:
         scheduling=scheduling,
         restart=restart,
     )
+
+
+AUTO_MAX_RATIO = 0.9
+
+
+def resolve_auto(
+    values: Mapping[str, Any], where: str, enclosing_mb: float | None
+) -> Mapping[str, Any]:
+    """``max_mb = "auto"``: 90% of the enclosing limit, so that the agent gets SIGTERM and a
+    record before the kernel kills the container (warning and critical follow it down)."""
+    if values.get("max_mb") != "auto":
+        return values
+    if enclosing_mb is None:
+        raise ConfigError(
+            f'{where}.max_mb = "auto" needs an enclosing memory limit (a container\'s or a '
+            "cgroup's), and the daemon runs inside none; give max_mb in MB"
+        )
+    return {**values, "max_mb": round(AUTO_MAX_RATIO * enclosing_mb, 1)}
 
 
 def _apply_limits(base: Limits, values: Mapping[str, Any], where: str) -> Limits:

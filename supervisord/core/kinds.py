@@ -67,6 +67,8 @@ class AlertKind(enum.StrEnum):
     HOST_PRESSURE = "host_pressure"
     # Its runs came back too often within restart_window_s: no more runs (state "failed").
     RESTART_LIMIT = "restart_limit"
+    # A process of the tree moved itself out of the agent's memory cgroup.
+    CGROUP_ESCAPE = "cgroup_escape"
 
     @property
     def level(self) -> Level:

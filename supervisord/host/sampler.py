@@ -74,6 +74,8 @@ class TreeSample:
     unchanged: bool = False
     # The cgroup's working set when that is what ``mb`` is.
     working_set_bytes: int | None = None
+    # Members outside the agent's cgroup now (they moved themselves out): counted all the same.
+    escaped: tuple[Identity, ...] = ()
 
     @property
     def pids(self) -> tuple[int, ...]:
@@ -95,6 +97,12 @@ class Sampler:
     _statm: StatmCache = field(default_factory=StatmCache)
     # Per agent with a cgroup: (usage bytes, when the tree was last read, that sample).
     _last: dict[str, tuple[int, float, TreeSample]] = field(default_factory=dict)
+    # Per agent: members seen outside its cgroup. The group's count no longer covers such a
+    # tree (what they had charged stays where they went), so it is measured by RSS from then.
+    _escaped: dict[str, set[Identity]] = field(default_factory=lambda: defaultdict(set))
+    # Agents whose own process was seen in their group: until then it is the launch's shim,
+    # not yet joined (every process it forks afterwards is born inside).
+    _root_joined: set[str] = field(default_factory=set)
 
     @property
     def open_fds(self) -> int:
@@ -118,8 +126,10 @@ class Sampler:
             tree = _walk(table, children, seeds, root_pids - {root.pid})
             live = [ident for ident in tree if not table[ident[0]].zombie]
             self._trees[agent_id] = set(tree)
+            if root.cgroup is not None:
+                self._check_membership(agent_id, root, live, set(root.cgroup_pids()))
             usage = _usage(root)
-            trees[agent_id] = self._measure(live, root, usage)
+            trees[agent_id] = self._measure(live, root, usage, agent_id)
             if usage is not None:
                 # The newest full read is what the fast path's idle shortcut compares with.
                 self._last[agent_id] = (usage, now, trees[agent_id])
@@ -149,6 +159,7 @@ class Sampler:
                 and last is not None
                 and usage == last[0]
                 and now - last[1] < REREAD_IDLE_S
+                and not self._escaped.get(agent_id)  # what they use is not in the count
             ):
                 # Not a byte charged or freed in the whole tree since the last read: an idle
                 # agent costs one pread. Read in full every REREAD_IDLE_S all the same.
@@ -157,10 +168,10 @@ class Sampler:
             known = self._trees[agent_id]
             known.add((root.pid, root.start))
             if root.cgroup is not None:
-                live = self._cgroup_members(known, root)
+                live = self._cgroup_members(agent_id, known, root)
             else:
                 live = self._walk_children(known)
-            tree = self._measure(live, root, usage)
+            tree = self._measure(live, root, usage, agent_id)
             if len(tree.members) != len(live):
                 known.intersection_update(tree.members)
             if usage is not None:
@@ -168,10 +179,14 @@ class Sampler:
             trees[agent_id] = tree
         return trees
 
-    def _cgroup_members(self, known: set[Identity], root: Root) -> list[Identity]:
+    def _cgroup_members(self, agent_id: str, known: set[Identity], root: Root) -> list[Identity]:
         starts = dict(known)
         members: list[Identity] = []
-        for pid in sorted({root.pid, *root.cgroup_pids()}):
+        group = set(root.cgroup_pids())
+        in_group = {root.pid, *group}
+        # A known member missing from the group's list has ended, or moved itself out.
+        self._check_membership(agent_id, root, [i for i in known if i[0] not in group], group)
+        for pid in sorted(in_group):
             start = starts.get(pid)
             if start is None:  # new since the last look: one read of its stat for identity
                 entry = procfs.read_entry(pid)
@@ -179,11 +194,32 @@ class Sampler:
                     continue
                 start = entry.start
             members.append((pid, start))
+        away = self._escaped.get(agent_id)
+        if away:
+            # Outside the group only /proc finds them, and what they forked since.
+            members += [i for i in self._walk_children(away) if i[0] not in in_group]
         # _measure drops what it cannot read (gone, or a pid reused within the group: its
         # identity is then looked up afresh next time).
         known.clear()
         known.update(members)
         return members
+
+    def _check_membership(
+        self, agent_id: str, root: Root, members: Iterable[Identity], group: set[int]
+    ) -> None:
+        """Remember the members that are alive and outside the agent's cgroup (``group``:
+        its pids just read): escapees."""
+        assert root.cgroup is not None
+        if root.pid in group:
+            self._root_joined.add(agent_id)
+        for pid, start in members:
+            if pid in group or (pid == root.pid and agent_id not in self._root_joined):
+                continue
+            entry = procfs.read_entry(pid)
+            if entry is None or entry.start != start or entry.zombie:
+                continue  # ended, not escaped
+            if not root.cgroup.contains(pid):
+                self._escaped[agent_id].add((pid, start))
 
     def _walk_children(self, known: set[Identity]) -> list[Identity]:
         live: list[Identity] = []
@@ -211,15 +247,21 @@ class Sampler:
     def forget(self, agent_id: str) -> None:
         self._trees.pop(agent_id, None)
         self._last.pop(agent_id, None)
+        self._escaped.pop(agent_id, None)
+        self._root_joined.discard(agent_id)
 
     def close(self) -> None:
         self._statm.close()
 
-    def _measure(self, live: list[Identity], root: Root, usage: int | None) -> TreeSample:
+    def _measure(
+        self, live: list[Identity], root: Root, usage: int | None, agent_id: str = ""
+    ) -> TreeSample:
         """The members that can be read, and the tree's memory by ``root.metric``.
 
         ``usage``: the cgroup's charge, just read (None without a group, or once it is gone).
+        A tree with members that escaped its group is measured by RSS (the group misses them).
         """
+        escaped = self._escaped.get(agent_id, set())
         members: list[Identity] = []
         rss = 0
         for pid, start in live:
@@ -232,7 +274,7 @@ class Sampler:
         mb = rss / MIB
         metric: Measured = "rss"
         working_set = None
-        if root.metric == "auto" and usage is not None:
+        if root.metric == "auto" and usage is not None and not escaped:
             working_set = _working_set(root, usage)
         if working_set is not None:
             mb, metric = working_set / MIB, "working_set"
@@ -246,7 +288,12 @@ class Sampler:
             mb=round(mb, 1),
             metric=metric,
             working_set_bytes=working_set,
+            escaped=tuple(i for i in members if i in escaped and self._outside(root, i[0])),
         )
+
+    @staticmethod
+    def _outside(root: Root, pid: int) -> bool:
+        return root.cgroup is not None and not root.cgroup.contains(pid)
 
     def _attribute_orphans(
         self, table: Mapping[int, ProcEntry], roots: Mapping[str, Root], root_pids: set[int]

@@ -69,6 +69,12 @@ class RecentAvailable:
         return self._mb
 
 
+def enclosing_mb() -> float | None:
+    """The memory limit around the daemon (its cgroup's or an ancestor's), in MB."""
+    limit = enclosing_limit_bytes()
+    return None if limit is None else to_mb(limit)
+
+
 def shared_total_mb() -> float:
     """What agents could share at most: MemTotal, or the daemon's enclosing cgroup limit
     where that is smaller (a container, a systemd slice with MemoryMax)."""

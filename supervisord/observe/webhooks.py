@@ -53,6 +53,7 @@ SEVERITY = {
     AlertKind.LAUNCH_REFUSED: 1,
     AlertKind.LIMIT_PREDICTED: 1,
     AlertKind.MEMORY_CRITICAL: 2,
+    AlertKind.CGROUP_ESCAPE: 2,  # the kernel's backstop no longer covers the whole tree
     AlertKind.TIMEOUT: KILL,
     AlertKind.SIGTERM_SENT: KILL,
     AlertKind.SIGKILL_SENT: KILL,

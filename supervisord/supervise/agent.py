@@ -63,6 +63,8 @@ class Agent:
     # What follows this run, decided as its tree is gone (None: nothing, it ended for good).
     next: Next | None = None
     signalled_before_exit: bool = False
+    # Members seen outside its cgroup, each reported once (cgroup_escape).
+    escapes: set[Identity] = field(default_factory=set)
     _entry_key: tuple[Any, ...] | None = None
     _entry: dict[str, Any] | None = None
 

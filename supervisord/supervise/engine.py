@@ -23,9 +23,11 @@ from supervisord.config.home import Home
 from supervisord.config.settings import Config
 from supervisord.core import policy, tracker
 from supervisord.core.events import AlertEvent, Event, ExitEvent
+from supervisord.core.kinds import AlertKind
 from supervisord.core.policy import Action, Alert, Signal
 from supervisord.core.units import MIB
 from supervisord.host import enforcer, launcher, reaper
+from supervisord.host.cgroup import escape
 from supervisord.host.cgroup.backstop import Backstop
 from supervisord.host.cgroup.base import AgentCgroup
 from supervisord.host.sampler import Root, Sampler, TreeSample
@@ -226,11 +228,30 @@ class Engine:
         if not step.skipped:
             agent.members = tree.members
             agent.sample = tree
+        if tree.escaped:
+            self._note_escapes(agent, tree)
         self._carry_out(agent, step.actions)
         if agent.exit is not None and not tree.members:
             self._finish(agent)
             return
         self.schedule.reschedule(agent, now, self.config)
+
+    def _note_escapes(self, agent: Agent, tree: TreeSample) -> None:
+        """Members that moved themselves out of the agent's cgroup stay in its tree (and are
+        counted, by RSS); each is moved back where the kernel allows and reported once."""
+        for pid, start in tree.escaped:
+            if (pid, start) in agent.escapes or agent.cgroup is None:
+                continue
+            agent.escapes.add((pid, start))
+            why = escape.bring_back(agent.cgroup, pid)
+            back = "moved back" if why is None else f"could not be moved back: {why}"
+            message = (
+                f"pid {pid} of {agent.id} left its memory cgroup; its tree is still counted "
+                f"({tree.mb:.1f} MB, by RSS from now on), {back}"
+            )
+            log.warning("cgroup_escape", subprocess_id=agent.id, pid=pid, moved_back=why is None)
+            alert = Alert(AlertKind.CGROUP_ESCAPE, tree.mb, agent.limits.max_mb, message)
+            self._publish_alert(agent.alert_event(alert, system_memory().as_dict()))
 
     async def _watch_exit(self, agent: Agent) -> None:
         agent.exit = await launcher.wait_exit(agent.child)
