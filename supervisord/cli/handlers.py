@@ -122,16 +122,7 @@ def cmd_launch(args: argparse.Namespace) -> int:
         command = command[1:]
     if not command and args.task is None:
         raise UsageError("launch: give a command after `--`, or --task for the type's template")
-    limits = {
-        key: value
-        for key, value in (
-            ("warning_mb", args.warning_mb),
-            ("critical_mb", args.critical_mb),
-            ("max_mb", args.max_mb),
-            ("term_grace_s", args.grace),
-        )
-        if value is not None
-    }
+    limits = _limits(args)
     launch_kw: dict[str, Any] = {
         "task": args.task,
         "cwd": args.cwd,
@@ -171,6 +162,41 @@ def cmd_launch(args: argparse.Namespace) -> int:
     _print_json(record) if args.json else print(render.record(record))
     ok = record["reason"] == "exited" and record["exit_code"] == 0
     return OK if ok else FAILED
+
+
+def _limits(args: argparse.Namespace) -> dict[str, Any]:
+    """The limit flags given (launch's and watch's)."""
+    return {
+        key: value
+        for key, value in (
+            ("warning_mb", args.warning_mb),
+            ("critical_mb", args.critical_mb),
+            ("max_mb", args.max_mb),
+            ("term_grace_s", args.grace),
+        )
+        if value is not None
+    }
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    with _client() as client:
+        result = client.watch(
+            args.pid, args.agent_type, limits=_limits(args) or None, timeout_s=args.timeout
+        )
+    if args.json:
+        _print_json(result)
+    else:
+        print(result["subprocess_id"])
+        if result["supervised_by"] == "proc":
+            error("the kernel did not let its tree move into a memory cgroup: /proc alone")
+    return OK
+
+
+def cmd_unwatch(args: argparse.Namespace) -> int:
+    with _client() as client:
+        result = client.unwatch(args.subprocess_id)
+    _print_json(result) if args.json else print(f"{result['subprocess_id']} let go")
+    return OK
 
 
 def cmd_restart(args: argparse.Namespace) -> int:

@@ -92,13 +92,7 @@ def _daemon_commands(add: Add) -> None:
 def _agent_commands(add: Add) -> None:
     p = add("launch", h.cmd_launch, "launch an agent under supervision; prints its subprocess_id")
     p.add_argument("agent_type", metavar="TYPE")
-    p.add_argument("--warning-mb", type=_positive, metavar="N")
-    p.add_argument("--critical-mb", type=_positive, metavar="N")
-    p.add_argument(
-        "--max-mb", type=_max_mb, metavar="N", help='MB, or "auto" (90%% of the enclosing limit)'
-    )
-    p.add_argument("--timeout", type=_positive, metavar="S", help="seconds before it is stopped")
-    p.add_argument("--grace", type=_non_negative, metavar="S", help="SIGTERM to SIGKILL, seconds")
+    _limit_options(p)
     p.add_argument("--cwd", metavar="DIR")
     p.add_argument("--env", action="append", default=[], metavar="K=V", type=_env_pair)
     p.add_argument("--task", help="task text for the type's [agents.TYPE] command template")
@@ -152,11 +146,29 @@ def _running_agent_commands(add: Add) -> None:
     p.add_argument("subprocess_id", metavar="ID")
     p.add_argument("--grace", type=_non_negative, metavar="S")
     p.add_argument("--json", action="store_true")
+    p = add("watch", h.cmd_watch, "supervise a tree already running (yours): limits, records")
+    p.add_argument("pid", type=int, metavar="PID")
+    p.add_argument("--type", dest="agent_type", metavar="TYPE", help="default: its command's name")
+    _limit_options(p)
+    p.add_argument("--json", action="store_true")
+    p = add("unwatch", h.cmd_unwatch, "stop supervising a watched tree, without a signal")
+    p.add_argument("subprocess_id", metavar="ID")
+    p.add_argument("--json", action="store_true")
     p = add("queue", h.cmd_queue, "launches waiting for room, for their restart, or for others")
     p.add_argument("--json", action="store_true")
     p = add("cancel", h.cmd_cancel, "take a waiting launch out of the queue")
     p.add_argument("subprocess_id", metavar="ID")
     p.add_argument("--json", action="store_true")
+
+
+def _limit_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--warning-mb", type=_positive, metavar="N")
+    p.add_argument("--critical-mb", type=_positive, metavar="N")
+    p.add_argument(
+        "--max-mb", type=_max_mb, metavar="N", help='MB, or "auto" (90%% of the enclosing limit)'
+    )
+    p.add_argument("--timeout", type=_positive, metavar="S", help="seconds before it is stopped")
+    p.add_argument("--grace", type=_non_negative, metavar="S", help="SIGTERM to SIGKILL, seconds")
 
 
 def _restart_options(p: argparse.ArgumentParser) -> None:

@@ -27,6 +27,8 @@ USER_COMMANDS = frozenset(
         "stop",
         "kill",
         "restart",
+        "watch",
+        "unwatch",
         "queue",
         "cancel",
     }
@@ -195,6 +197,20 @@ def faster_restarts(in_force: RestartPolicy, asked: RestartPolicy) -> list[tuple
             )
         )
     return found
+
+
+def process_denial(
+    uid: int, pid: int, process_uid: int, daemon_uid: int | None = None
+) -> Denial | None:
+    """``watch`` of a process: only its owner (and admins) may put it under supervision,
+    which can end it."""
+    if is_admin(uid, daemon_uid) or process_uid == uid:
+        return None
+    return Denial(
+        (str(pid),),
+        f"uid {uid} may not watch pid {pid}: it runs as uid {process_uid}; only its owner and "
+        f"{admins(daemon_uid)} may",
+    )
 
 
 def grace_denial(

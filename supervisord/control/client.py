@@ -174,6 +174,21 @@ class Client(_Commands):
     def restart(self, subprocess_id: str, grace_s: float | None = None) -> dict[str, Any]:
         return dict(self.request("restart", subprocess_id=subprocess_id, grace_s=grace_s))
 
+    def watch(
+        self,
+        pid: int,
+        agent_type: str | None = None,
+        *,
+        limits: Mapping[str, Any] | None = None,
+        timeout_s: float | None = None,
+    ) -> dict[str, Any]:
+        """Put a running process's tree under supervision (the caller must own it)."""
+        args = {"pid": pid, "agent_type": agent_type, "timeout_s": timeout_s}
+        return dict(self.request("watch", **args, limits=dict(limits) if limits else None))
+
+    def unwatch(self, subprocess_id: str) -> dict[str, Any]:
+        return dict(self.request("unwatch", subprocess_id=subprocess_id))
+
     def queue(self) -> dict[str, Any]:
         return dict(self.request("queue"))
 

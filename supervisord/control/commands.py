@@ -22,7 +22,7 @@ from supervisord.core.limits import LIMIT_KEYS
 from supervisord.core.restart import RESTART_KEYS
 from supervisord.core.scheduling import SCHEDULING_KEYS
 from supervisord.core.units import MIB
-from supervisord.host import sampler
+from supervisord.host import sampler, watching
 from supervisord.host.launcher import Credentials
 from supervisord.host.sysmem import system_memory
 from supervisord.supervise.admission import Queued
@@ -78,6 +78,11 @@ class Commands:
                 return ended.record()
             case "restart":
                 return await self.restart(args["subprocess_id"], args.get("grace_s"), peer)
+            case "watch":
+                return await self.watch(args, peer)
+            case "unwatch":
+                self._owned(args["subprocess_id"], peer, "unwatch", "let go of")
+                return self.supervisor.unwatch(args["subprocess_id"])
             case "queue":
                 return self.queue(peer)
             case "cancel":
@@ -112,6 +117,23 @@ class Commands:
             if denial := authz.grace_denial(peer.uid, subprocess_id, grace, term_grace):
                 _deny(peer, "restart", denial)
         return await self.supervisor.restart(subprocess_id, grace)
+
+    async def watch(self, args: Mapping[str, Any], peer: Peer) -> dict[str, Any]:
+        target = watching.look(args["pid"])
+        if denial := authz.process_denial(peer.uid, target.pid, target.uid):
+            _deny(peer, "watch", denial)
+        agent_type = args.get("agent_type") or watching.agent_type_of(target)
+        limits = self._limits_of(args, "watch")
+        self._check_limits(agent_type, limits, {}, {}, False, peer)
+        agent = await self.supervisor.watch(target, agent_type, limits, peer.uid)
+        return {
+            "subprocess_id": agent.id,
+            "pid": agent.child.pid,
+            "agent_type": agent.agent_type,
+            "command": list(agent.command),
+            "limits": agent.limits.as_dict(),
+            "supervised_by": agent.stats(self.supervisor.clock())["supervised_by"],
+        }
 
     def _between_runs(self, subprocess_id: str, peer: Peer, cmd: str) -> dict[str, Any] | None:
         """``stop`` or ``kill`` of an agent whose next run is due: no run comes again."""
@@ -179,15 +201,19 @@ class Commands:
             "waiting": supervisor.dependencies.rows(owner),
         }
 
-    async def launch(self, args: Mapping[str, Any], peer: Peer) -> dict[str, Any]:
+    def _limits_of(self, args: Mapping[str, Any], cmd: str) -> dict[str, Any]:
         limits = dict(args.get("limits", {}))
         unknown = sorted(set(limits) - LIMIT_KEYS)
         if unknown:
             raise UsageError(
-                f"launch: unknown limit {unknown[0]!r}; allowed: {', '.join(sorted(LIMIT_KEYS))}"
+                f"{cmd}: unknown limit {unknown[0]!r}; allowed: {', '.join(sorted(LIMIT_KEYS))}"
             )
         if "timeout_s" in args:
             limits["timeout_s"] = args["timeout_s"]
+        return limits
+
+    async def launch(self, args: Mapping[str, Any], peer: Peer) -> dict[str, Any]:
+        limits = self._limits_of(args, "launch")
         scheduling = {k: args[k] for k in SCHEDULING_KEYS if k in args}
         restart = {k: args[k] for k in RESTART_KEYS if k in args}
         if not args.get("command") and args.get("task") is None:

@@ -105,6 +105,13 @@ COMMANDS: dict[str, Spec] = {
     "stop": {"subprocess_id": (("string",), True), "grace_s": (("number",), False)},
     "kill": {"subprocess_id": (("string",), True)},
     "restart": {"subprocess_id": (("string",), True), "grace_s": (("number",), False)},
+    "watch": {
+        "pid": (("integer",), True),
+        "agent_type": (("string",), False),
+        "limits": (("object",), False),
+        "timeout_s": (("number", "null"), False),
+    },
+    "unwatch": {"subprocess_id": (("string",), True)},
     "subscribe": {"levels": (("list of strings",), False), "types": (("list of strings",), False)},
     "reload": {"env": (("object of strings",), False)},
     "shutdown": {"leave_agents": (("boolean",), False)},

@@ -44,6 +44,9 @@ class AgentRecord:
     # run number, run starts as wall-clock seconds; see core.lineage).
     template: list[str] | None = None
     lineage: dict[str, Any] | None = None
+    # Adopted by `watch`, and the group (as /proc names it) its tree goes back to on unwatch.
+    watched: bool = False
+    origin: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -257,6 +257,13 @@ def _adopt(pid: int, start: int) -> Child | None:
 UNKNOWN_EXIT = ExitStatus(exit_code=None, signal=None)
 
 
+def release(child: Child) -> None:
+    """Stop holding a process we no longer watch (its pidfd; never a signal)."""
+    if child.pidfd >= 0:
+        os.close(child.pidfd)
+        child.pidfd = -1
+
+
 async def wait_exit(child: Child) -> ExitStatus:
     """Wait for the agent's own process to end and reap it through its pidfd."""
     await anyio.wait_readable(child.pidfd)

@@ -222,3 +222,16 @@ def cmdline(pid: int) -> list[str]:
     except OSError:
         return []
     return [arg.decode(errors="replace") for arg in data.split(b"\0")[:-1]]
+
+
+def tree_of(pid: int) -> list[int]:
+    """``pid`` and its descendants now, from one scan of /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in scan().values():
+        children.setdefault(entry.ppid, []).append(entry.pid)
+    tree, stack = [], [pid]
+    while stack:
+        current = stack.pop()
+        tree.append(current)
+        stack.extend(children.get(current, ()))
+    return tree

@@ -65,6 +65,10 @@ class Agent:
     signalled_before_exit: bool = False
     # Members seen outside its cgroup, each reported once (cgroup_escape).
     escapes: set[Identity] = field(default_factory=set)
+    # Adopted by `watch` (not launched): the group its tree came from, to go back to.
+    watched: bool = False
+    origin: str | None = None
+    exit_scope: anyio.CancelScope | None = None
     _entry_key: tuple[Any, ...] | None = None
     _entry: dict[str, Any] | None = None
 
@@ -159,6 +163,10 @@ class Agent:
             "restart": self.restart.restart,
             "session_uuid": self.lineage.session_uuid,
             "session_id": self.lineage.session_id,
+            "watched": self.watched,
+            # What holds the tree: its memory cgroup, or /proc alone (a tree `watch` could
+            # not move into one).
+            "supervised_by": "proc" if self.cgroup is None else "cgroup",
         }
 
     def memory_figures(self) -> dict[str, Any]:
@@ -338,6 +346,8 @@ class Agent:
             launch=None if self.request is None else self.request.as_dict(),
             template=list(self.template),
             lineage=self.lineage.as_dict(self._wall_offset()),
+            watched=self.watched,
+            origin=self.origin,
         )
 
     def _wall_offset(self) -> float:
@@ -404,5 +414,7 @@ class Agent:
             template=tuple(record.template or record.command),
             lineage=Lineage.from_dict(record.lineage, wall_now.timestamp() - now),
             restart=restart or RestartPolicy(),
+            watched=record.watched,
+            origin=record.origin,
         )
         return agent, actions

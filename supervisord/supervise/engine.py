@@ -254,7 +254,11 @@ class Engine:
             self._publish_alert(agent.alert_event(alert, system_memory().as_dict()))
 
     async def _watch_exit(self, agent: Agent) -> None:
-        agent.exit = await launcher.wait_exit(agent.child)
+        with anyio.CancelScope() as agent.exit_scope:
+            agent.exit = await launcher.wait_exit(agent.child)
+        if agent.exit is None:  # let go (`unwatch`): its process is not ours to see end
+            launcher.release(agent.child)
+            return
         # Whether a signal that ended it could be the daemon's (a restart policy's failure).
         agent.signalled_before_exit = agent.signalled_at is not None
         log.info("agent_exited", subprocess_id=agent.id, status=agent.exit.describe())

@@ -2,7 +2,8 @@
 
 Launches are admitted into the budget, queued, refused, or held until the agents they wait
 for have ended; commands stop, restart, cancel and list. ``Fleet`` holds every agent to the
-host's budget; ``Lifecycle`` decides what follows each run.
+host's budget; ``Lifecycle`` decides what follows each run; ``Adoption`` watches trees that
+others started.
 """
 
 from __future__ import annotations
@@ -36,15 +37,15 @@ from supervisord.host.statefile import State
 from supervisord.host.sysmem import system_memory
 from supervisord.supervise import launchplan, recovery
 from supervisord.supervise.admission import Queued, Waiting, queue_event
+from supervisord.supervise.adoption import Adoption
 from supervisord.supervise.after import cancelled_outcome
 from supervisord.supervise.agent import Agent
 from supervisord.supervise.launchplan import LaunchRequest
-from supervisord.supervise.lifecycle import Lifecycle
 
 log = structlog.get_logger("supervisord.supervise.supervisor")
 
 
-class Supervisor(Lifecycle):
+class Supervisor(Adoption):
     # -- launching ----------------------------------------------------------------------------
 
     async def launch(self, request: LaunchRequest) -> Agent | Queued:

@@ -1,0 +1,57 @@
+"""What ``claude-pm watch PID`` needs to know of a running process before adopting its tree.
+
+Identity is the pid and its start time (a pid reused later is not the same agent); whose it
+is comes from the real uid in ``/proc/PID/status``; a kernel thread (``PF_KTHREAD``) has no
+memory of its own to supervise and is refused.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+
+from supervisord.core.errors import NotFoundError, UsageError
+from supervisord.host import procfs
+
+PF_KTHREAD = 0x00200000
+_TYPE_CHARS = re.compile(r"[^a-z0-9-]+")
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    pid: int
+    start: int
+    uid: int
+    command: tuple[str, ...]
+    comm: str
+
+
+def look(pid: int) -> Target:
+    """The process ``pid`` as ``watch`` takes it; a clear error when it cannot be."""
+    if pid <= 0:
+        raise UsageError(f"watch: pid must be a positive process id, got {pid}")
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+            stat = f.read()
+        with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as f:
+            status = f.read()
+    except OSError:
+        raise NotFoundError(f"watch: no process {pid}") from None
+    comm = stat[stat.index("(") + 1 : stat.rindex(")")]
+    rest = stat[stat.rindex(")") + 2 :].split()
+    if int(rest[6]) & PF_KTHREAD:
+        raise UsageError(f"watch: pid {pid} ({comm}) is a kernel thread, not an agent")
+    if rest[0] in ("Z", "X"):
+        raise NotFoundError(f"watch: process {pid} ({comm}) has ended")
+    if pid == os.getpid() or pid == 1:
+        raise UsageError(f"watch: pid {pid} ({comm}) is not an agent the daemon may adopt")
+    uid = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("Uid:"))
+    return Target(pid, int(rest[19]), uid, tuple(procfs.cmdline(pid)) or (comm,), comm)
+
+
+def agent_type_of(target: Target) -> str:
+    """The command's basename, made a valid agent type (``claude``, ``node``, ``agent-7z``)."""
+    base = os.path.basename(target.command[0]) if target.command else target.comm
+    name = _TYPE_CHARS.sub("-", base.lower()).strip("-")
+    return name if name[:1].isalpha() else f"agent-{name}".rstrip("-")
