@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -20,11 +22,14 @@ from supervisord.core.errors import (
     NotFoundError,
     UsageError,
 )
+from supervisord.core.identity import MARKER_ENV, TYPE_ENV
 from supervisord.core.kinds import EventType
+from supervisord.host import watching
 from supervisord.host.sysmem import enclosing_mb
 from supervisord.observe import logread, reports
 
 OK, FAILED, USAGE, NOT_RUNNING = 0, 1, 2, 3
+COMMAND_NOT_FOUND = 127  # what a shell gives for a missing executable
 Handler = Callable[[argparse.Namespace], int]
 # launch's restart flags (argparse's names) -> the restart keys of the protocol and config.
 RESTART_FLAGS = {
@@ -176,6 +181,32 @@ def _limits(args: argparse.Namespace) -> dict[str, Any]:
         )
         if value is not None
     }
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Become CMD, in this very process, once the daemon supervises it: the terminal, job
+    control, signals and the exit status are CMD's own, with no wrapper in between."""
+    command = [arg for arg in args.cmd]
+    if command[:1] == ["--"]:
+        command = command[1:]
+    if not command:
+        raise UsageError("run: give the command after `--`: claude-pm run -- CMD [ARG ...]")
+    executable = shutil.which(command[0])
+    if executable is None:
+        error(f"{command[0]}: command not found")
+        return COMMAND_NOT_FOUND
+    home = _home()
+    background.ensure_home(home)
+    background.start_daemon(home)
+    agent_type = args.agent_type or watching.type_from_command(command)
+    with Client(resolve_socket(home)) as client:
+        result = client.run(
+            agent_type, command, limits=_limits(args) or None, timeout_s=args.timeout
+        )
+    os.environ[MARKER_ENV] = result["subprocess_id"]
+    os.environ[TYPE_ENV] = agent_type
+    sys.stdout.flush()
+    os.execv(executable, command)
 
 
 def cmd_watch(args: argparse.Namespace) -> int:

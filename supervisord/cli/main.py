@@ -25,7 +25,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # `launch TYPE [OPTIONS] -- CMD ...`: everything after `--` is the agent's command, verbatim,
     # and the options before it are ours (argparse.REMAINDER would swallow them into CMD).
     command_tail: list[str] | None = None
-    if args_list[:1] == ["launch"] and "--" in args_list:
+    if args_list[:1] in (["launch"], ["run"]) and "--" in args_list:
         split = args_list.index("--")
         args_list, command_tail = args_list[:split], args_list[split + 1 :]
     try:
@@ -146,6 +146,10 @@ def _running_agent_commands(add: Add) -> None:
     p.add_argument("subprocess_id", metavar="ID")
     p.add_argument("--grace", type=_non_negative, metavar="S")
     p.add_argument("--json", action="store_true")
+    p = add("run", h.cmd_run, "run CMD here, in the foreground, supervised like a launched agent")
+    p.add_argument("--type", dest="agent_type", metavar="TYPE", help="default: CMD's name")
+    _limit_options(p)
+    p.add_argument("cmd", nargs="*", metavar="-- CMD [ARG ...]")
     p = add("watch", h.cmd_watch, "supervise a tree already running (yours): limits, records")
     p.add_argument("pid", type=int, metavar="PID")
     p.add_argument("--type", dest="agent_type", metavar="TYPE", help="default: its command's name")

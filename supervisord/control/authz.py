@@ -29,6 +29,7 @@ USER_COMMANDS = frozenset(
         "restart",
         "watch",
         "unwatch",
+        "run",
         "queue",
         "cancel",
     }

@@ -189,6 +189,18 @@ class Client(_Commands):
     def unwatch(self, subprocess_id: str) -> dict[str, Any]:
         return dict(self.request("unwatch", subprocess_id=subprocess_id))
 
+    def run(
+        self,
+        agent_type: str,
+        command: list[str],
+        *,
+        limits: Mapping[str, Any] | None = None,
+        timeout_s: float | None = None,
+    ) -> dict[str, Any]:
+        """Put this very process under supervision, before it execs ``command``."""
+        args = {"agent_type": agent_type, "command": command, "timeout_s": timeout_s}
+        return dict(self.request("run", **args, limits=dict(limits) if limits else None))
+
     def queue(self) -> dict[str, Any]:
         return dict(self.request("queue"))
 

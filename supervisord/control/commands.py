@@ -80,6 +80,8 @@ class Commands:
                 return await self.restart(args["subprocess_id"], args.get("grace_s"), peer)
             case "watch":
                 return await self.watch(args, peer)
+            case "run":
+                return await self.watch({**args, "pid": peer.pid}, peer, run=tuple(args["command"]))
             case "unwatch":
                 self._owned(args["subprocess_id"], peer, "unwatch", "let go of")
                 return self.supervisor.unwatch(args["subprocess_id"])
@@ -118,14 +120,19 @@ class Commands:
                 _deny(peer, "restart", denial)
         return await self.supervisor.restart(subprocess_id, grace)
 
-    async def watch(self, args: Mapping[str, Any], peer: Peer) -> dict[str, Any]:
+    async def watch(
+        self, args: Mapping[str, Any], peer: Peer, run: tuple[str, ...] | None = None
+    ) -> dict[str, Any]:
+        """``watch`` of a pid; ``run``: of the peer itself, about to exec ``run``."""
+        if run is not None and not run:
+            raise UsageError("run: give the command to run")
         target = watching.look(args["pid"])
         if denial := authz.process_denial(peer.uid, target.pid, target.uid):
             _deny(peer, "watch", denial)
         agent_type = args.get("agent_type") or watching.agent_type_of(target)
         limits = self._limits_of(args, "watch")
         self._check_limits(agent_type, limits, {}, {}, False, peer)
-        agent = await self.supervisor.watch(target, agent_type, limits, peer.uid)
+        agent = await self.supervisor.watch(target, agent_type, limits, peer.uid, run=run)
         return {
             "subprocess_id": agent.id,
             "pid": agent.child.pid,

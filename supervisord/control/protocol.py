@@ -112,6 +112,12 @@ COMMANDS: dict[str, Spec] = {
         "timeout_s": (("number", "null"), False),
     },
     "unwatch": {"subprocess_id": (("string",), True)},
+    "run": {
+        "agent_type": (("string",), True),
+        "command": (("list of strings",), True),
+        "limits": (("object",), False),
+        "timeout_s": (("number", "null"), False),
+    },
     "subscribe": {"levels": (("list of strings",), False), "types": (("list of strings",), False)},
     "reload": {"env": (("object of strings",), False)},
     "shutdown": {"leave_agents": (("boolean",), False)},

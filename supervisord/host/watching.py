@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
+from typing import IO
 
 from supervisord.core.errors import NotFoundError, UsageError
 from supervisord.host import procfs
@@ -51,7 +52,19 @@ def look(pid: int) -> Target:
 
 
 def agent_type_of(target: Target) -> str:
+    return type_from_command(target.command or (target.comm,))
+
+
+def type_from_command(command: tuple[str, ...] | list[str]) -> str:
     """The command's basename, made a valid agent type (``claude``, ``node``, ``agent-7z``)."""
-    base = os.path.basename(target.command[0]) if target.command else target.comm
-    name = _TYPE_CHARS.sub("-", base.lower()).strip("-")
+    name = _TYPE_CHARS.sub("-", os.path.basename(command[0]).lower()).strip("-")
     return name if name[:1].isalpha() else f"agent-{name}".rstrip("-")
+
+
+def open_stderr(pid: int) -> IO[str] | None:
+    """The process's own stderr, for the daemon's one line when it ends the agent (the
+    terminal a `claude-pm run` was typed in). None when it cannot be opened."""
+    try:
+        return open(f"/proc/{pid}/fd/2", "w", encoding="utf-8", errors="replace")
+    except OSError:
+        return None

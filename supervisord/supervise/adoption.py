@@ -18,7 +18,7 @@ import structlog
 from supervisord.core import policy
 from supervisord.core.errors import LaunchError, NotFoundError, UsageError
 from supervisord.core.limits import Limits
-from supervisord.host import launcher, procfs
+from supervisord.host import launcher, procfs, watching
 from supervisord.host.cgroup import escape
 from supervisord.host.cgroup.base import AgentCgroup
 from supervisord.host.watching import Target
@@ -30,14 +30,24 @@ log = structlog.get_logger("supervisord.supervise.adoption")
 
 class Adoption(Lifecycle):
     async def watch(
-        self, target: Target, agent_type: str, overrides: Mapping[str, Any], owner_uid: int | None
+        self,
+        target: Target,
+        agent_type: str,
+        overrides: Mapping[str, Any],
+        owner_uid: int | None,
+        *,
+        run: tuple[str, ...] | None = None,
     ) -> Agent:
         """Adopt a tree that already runs (``claude-pm watch``): identity by pid and start
-        time, its members from /proc, moved into an agent cgroup where the kernel allows."""
+        time, its members from /proc, moved into an agent cgroup where the kernel allows.
+
+        ``run``: the command a ``claude-pm run`` process is about to exec in its own pid; it
+        is told on its stderr why, should the daemon end it."""
         if any(target.pid == pid for a in self.agents.values() for pid, _ in a.members):
             raise UsageError(f"watch: pid {target.pid} is already supervised")
-        # What the tree charged before it was moved stays where it was: RSS counts it all.
-        overrides = {"metric": "rss", **overrides}
+        if run is None:
+            # What the tree charged before it was moved stays where it was: RSS counts it.
+            overrides = {"metric": "rss", **overrides}
         limits = self.config.limits_for(agent_type, overrides)
         child = launcher.adopt(target.pid, target.start)
         if child is None:
@@ -45,10 +55,11 @@ class Adoption(Lifecycle):
         subprocess_id = launcher.new_subprocess_id(agent_type)
         cgroup, origin = self._move_in(subprocess_id, limits, target.pid)
         now = self.clock()
+        command = target.command if run is None else run
         agent = Agent(
             id=subprocess_id,
             agent_type=agent_type,
-            command=target.command,
+            command=command,
             child=child,
             limits=limits,
             overrides=overrides,
@@ -58,9 +69,10 @@ class Adoption(Lifecycle):
             members=((target.pid, target.start),),
             cgroup=cgroup,
             request_mb=limits.warning_mb,
-            template=target.command,
+            template=command,
             watched=True,
             origin=origin,
+            notify=None if run is None else watching.open_stderr(target.pid),
         )
         self._register(agent)
         self.request_full_scan()  # its descendants, now

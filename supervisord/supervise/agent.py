@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import IO, Any
 
 import anyio
 
@@ -69,6 +69,8 @@ class Agent:
     watched: bool = False
     origin: str | None = None
     exit_scope: anyio.CancelScope | None = None
+    # Where to say why, when the daemon ends it (`claude-pm run`'s terminal), once.
+    notify: IO[str] | None = None
     _entry_key: tuple[Any, ...] | None = None
     _entry: dict[str, Any] | None = None
 

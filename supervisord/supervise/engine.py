@@ -39,6 +39,10 @@ from supervisord.supervise.kernel import KernelWatch
 from supervisord.supervise.schedule import Schedule
 
 log = structlog.get_logger("supervisord.supervise.engine")
+# The alerts that say the daemon is ending an agent, and why.
+ENDING_ALERTS = frozenset(
+    {AlertKind.SIGTERM_SENT, AlertKind.SIGKILL_SENT, AlertKind.TIMEOUT, AlertKind.OOM_KILL}
+)
 SIGNAL_RECHECK_S = 0.1
 DISCOVERY_INTERVAL_S = 30.0
 APPLY_BATCH = 50
@@ -279,6 +283,8 @@ class Engine:
         for action in actions:
             if isinstance(action, Alert):
                 self._publish_alert(agent.alert_event(action, system_memory().as_dict()))
+                if action.kind in ENDING_ALERTS:
+                    self._tell(agent, action.message)
 
     def _send(self, agent: Agent, action: Signal) -> None:
         if agent.signalled_at is None:
@@ -297,6 +303,16 @@ class Engine:
                 reason=action.reason.value,
                 pids=sent,
             )
+
+    def _tell(self, agent: Agent, message: str) -> None:
+        """One line on the terminal of an agent started with `claude-pm run`: why it ends."""
+        if agent.notify is None:
+            return
+        why = message.split(": ", 1)[1] if message[:1].isupper() and ": " in message else message
+        with suppress(OSError, ValueError):
+            agent.notify.write(f"claude-pm: {agent.id} stopped: {why}\n")
+            agent.notify.close()
+        agent.notify = None
 
     def _publish_alert(self, event: AlertEvent) -> None:
         self.records.alert(event)

@@ -128,7 +128,9 @@ class Fleet(Engine):
         host_pressure, after an alert with the host's figures."""
         agent = self.agents[shed.victim.subprocess_id]
         memory = system_memory().as_dict()
-        self._publish_alert(agent.pressure_alert(shed.pressure, self.admission.budget, memory))
+        alert = agent.pressure_alert(shed.pressure, self.admission.budget, memory)
+        self._publish_alert(alert)
+        self._tell(agent, alert.message)
         grace = agent.limits.term_grace_s if grace_s is None else grace_s
         agent.state, actions = policy.request_end(
             agent.state, self.clock(), EndReason.HOST_PRESSURE, grace
