@@ -432,3 +432,36 @@ async def test_restart_brings_a_failed_agent_back_with_a_fresh_window(
         (1, None),
         (2, None),
     ]
+
+
+def test_how_agents_ended_outlives_the_daemon(daemon: DaemonProcess) -> None:
+    with daemon.client() as client:
+        ok = client.launch("step", ["true"])["subprocess_id"]
+        failed = client.launch(
+            "flaky",
+            ["false"],
+            restart={"restart": "on-failure", "restart_limit": 1, "restart_jitter": 0},
+        )["subprocess_id"]
+        deadline = time.monotonic() + 10
+        while [f["subprocess_id"] for f in client.status()["failed"]] != [failed]:
+            assert time.monotonic() < deadline, "the agent did not fail"
+            time.sleep(0.05)
+        while {ok, failed} - _ended_in_state(daemon):
+            assert time.monotonic() < deadline, "state.json never said how they ended"
+            time.sleep(0.05)
+    daemon.signal(signal.SIGKILL)
+    daemon.wait()
+    daemon.start()
+    with daemon.client() as client:
+        assert [f["subprocess_id"] for f in client.status()["failed"]] == [failed]
+        after = client.launch("step", ["true"], after=[ok])
+        assert after["queued"] is False  # what it waited for had already ended with 0
+        assert client.restart(failed)["run"] == 2
+
+
+def _ended_in_state(daemon: DaemonProcess) -> set[str]:
+    try:
+        state = json.loads(daemon.home.state_file.read_text())
+    except (OSError, ValueError):
+        return set()
+    return {entry["subprocess_id"] for entry in state.get("ended", [])}

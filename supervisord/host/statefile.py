@@ -25,8 +25,9 @@ log = structlog.get_logger("supervisord.host.statefile")
 
 
 # What waits to run, besides the agents that run: the admission queue, runs due again after
-# their restart delay, launches that wait for other agents.
-WAITING_SECTIONS = ("queue", "restarts", "after")
+# their restart delay, launches that wait for other agents; and how recent agents ended
+# (for --after, and for `restart` of a failed one).
+WAITING_SECTIONS = ("queue", "restarts", "after", "ended")
 Waiting = Mapping[str, list[dict[str, Any]]]
 
 
@@ -57,6 +58,7 @@ class State:
     problems: list[str] = field(default_factory=list)
     restarts: list[dict[str, Any]] = field(default_factory=list)
     after: list[dict[str, Any]] = field(default_factory=list)
+    ended: list[dict[str, Any]] = field(default_factory=list)
 
 
 def load(path: Path) -> State:
@@ -82,7 +84,14 @@ def load(path: Path) -> State:
             problems.append(f"{path}: the {section} section is malformed; none of it restored")
             entries = []
         sections[section] = entries
-    return State(records, sections["queue"], problems, sections["restarts"], sections["after"])
+    return State(
+        records,
+        sections["queue"],
+        problems,
+        sections["restarts"],
+        sections["after"],
+        sections["ended"],
+    )
 
 
 def parse_entries(

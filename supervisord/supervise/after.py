@@ -38,6 +38,33 @@ class Outcome:
     # unit that hit its start limit).
     again: Waiting | None = None
 
+    def as_dict(self, wall_offset: float) -> dict[str, Any]:
+        """For run/state.json: ``--after`` and ``restart`` of a failed agent outlive the daemon."""
+        return {
+            "subprocess_id": self.subprocess_id,
+            "agent_type": self.agent_type,
+            "ok": self.ok,
+            "why": self.why,
+            "failed": self.failed,
+            "owner_uid": self.owner_uid,
+            "at": self.at.isoformat(),
+            "again": None if self.again is None else self.again.as_dict(wall_offset),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], seq: int, wall_offset: float) -> Outcome:
+        again = data.get("again")
+        return cls(
+            subprocess_id=str(data["subprocess_id"]),
+            agent_type=str(data["agent_type"]),
+            ok=bool(data["ok"]),
+            why=str(data["why"]),
+            failed=bool(data.get("failed", False)),
+            owner_uid=data.get("owner_uid"),
+            at=datetime.fromisoformat(data["at"]),
+            again=None if again is None else Waiting.from_dict(again, seq, wall_offset),
+        )
+
     def row(self) -> dict[str, Any]:
         return {
             "subprocess_id": self.subprocess_id,
@@ -144,6 +171,21 @@ class Dependencies:
             for w in self._waits.values()
             if owner_uid is None or w.waiting.request.owner_uid == owner_uid
         ]
+
+    def ended_entries(self, wall_offset: float) -> list[dict[str, Any]]:
+        return [o.as_dict(wall_offset) for o in self._outcomes.values()]
+
+    def restore_ended(
+        self, entries: Iterable[Mapping[str, Any]], first_seq: int, wall_offset: float
+    ) -> list[str]:
+        restored, problems = parse_entries(
+            entries,
+            lambda entry, n: Outcome.from_dict(entry, first_seq + n, wall_offset),
+            "ended agent",
+        )
+        for outcome in restored:
+            self.remember(outcome)
+        return problems
 
     def entries(self, wall_offset: float) -> list[dict[str, Any]]:
         return [

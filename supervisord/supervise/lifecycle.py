@@ -242,6 +242,7 @@ class Lifecycle(Fleet):
             **super()._queue_entries(),
             "restarts": self.restarts.entries(offset),
             "after": self.dependencies.entries(offset),
+            "ended": self.dependencies.ended_entries(offset),
         }
 
     def started(self, agent: Agent, reason: str) -> None:

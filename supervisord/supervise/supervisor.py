@@ -184,6 +184,7 @@ class Supervisor(Adoption):
             log.info("launch_restored", subprocess_id=waiting.subprocess_id)
         problems += self.restarts.restore(state.restarts, 1, offset)
         problems += self.dependencies.restore(state.after, 1, offset)
+        problems += self.dependencies.restore_ended(state.ended, 1, offset)
         for problem in problems:
             log.error("state_unreadable", problem=problem)
         self._wake.set()
