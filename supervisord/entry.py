@@ -55,9 +55,8 @@ def raise_fd_limit() -> int:
 def run(*, detach: bool = False) -> int:
     """Run the daemon for the home found from here; returns the process exit code."""
     home = Home(find_home())
-    config = load_config(
-        home.config_file, enclosing_mb=enclosing_mb()
-    )  # ConfigError goes to the caller, before any fork.
+    # A ConfigError goes to the caller, before any fork.
+    config = load_config(home.config_file, enclosing_mb=enclosing_mb())
     daemon.prepare_home(home)
     ready_fd = _detach(home.logs / "daemon-stderr.log") if detach else None
     configure_daemon_log(

@@ -15,36 +15,21 @@ import pytest
 from supervisord.config.home import Home
 from supervisord.control.client import Client
 from supervisord.core.errors import RemoteError
+from tests.cgroup_helpers import JOIN_THEN_EXEC, limited_v1_group
 from tests.conftest import DaemonProcess, skip_or_fail, write_config
 from tests.test_cli import CLI
 
-V1 = Path("/sys/fs/cgroup/memory")
 LIMIT_MB = 400
-
-
-def own_v1_group() -> Path | None:
-    for line in Path("/proc/self/cgroup").read_text().splitlines():
-        _, controllers, path = line.split(":", 2)
-        if "memory" in controllers.split(","):
-            return V1 / path.lstrip("/")
-    return None
 
 
 @pytest.fixture
 def limited(short_tmp: Path) -> Iterator[Path]:
     """A memory group limited to 400 MB, removed with whatever ran in it."""
-    own = own_v1_group()
-    if own is None or not (own / "cgroup.procs").exists():
-        skip_or_fail("no cgroup v1 memory group of our own to make a limited one in")
-    group = own / f"cpm-auto-{os.getpid()}-{short_tmp.name}"
-    group.mkdir()
-    (group / "memory.limit_in_bytes").write_text(str(LIMIT_MB * 2**20))
     try:
-        yield group
-    finally:
-        for pid in (group / "cgroup.procs").read_text().split():
-            os.kill(int(pid), 9)
-        group.rmdir()
+        with limited_v1_group(f"cpm-auto-{os.getpid()}-{short_tmp.name}", LIMIT_MB) as group:
+            yield group
+    except LookupError as exc:
+        skip_or_fail(str(exc))
 
 
 def test_launch_max_mb_auto_takes_90_percent_of_the_enclosing_limit(
@@ -52,7 +37,7 @@ def test_launch_max_mb_auto_takes_90_percent_of_the_enclosing_limit(
 ) -> None:
     # The default reserve (10%, at least 512 MB) would leave no budget inside 400 MB.
     write_config(home, host={"budget_mb": 300, "reserve_mb": 20})
-    shim = ["/bin/sh", "-c", 'echo $$ >"$0" && exec "$@"', str(limited / "cgroup.procs")]
+    shim = ["/bin/sh", "-c", JOIN_THEN_EXEC, str(limited / "cgroup.procs")]
     daemon = DaemonProcess(home, wrapper=shim).start()
     try:
         with Client(daemon.socket, timeout_s=30) as client:

@@ -197,8 +197,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         return COMMAND_NOT_FOUND
     home = _home()
     background.ensure_home(home)
-    background.start_daemon(home)
     agent_type = args.agent_type or watching.type_from_command(command)
+    from supervisord.cli import container
+
+    if container.is_init():
+        limits = {**_limits(args), **({"timeout_s": args.timeout} if args.timeout else {})}
+        return container.run_as_init(home, agent_type, [executable, *command[1:]], limits)
+    background.start_daemon(home)
     with Client(resolve_socket(home)) as client:
         result = client.run(
             agent_type, command, limits=_limits(args) or None, timeout_s=args.timeout

@@ -33,7 +33,7 @@ from supervisord.core.identity import MARKER_ENV, Identity
 from supervisord.core.limits import Measured, Metric
 from supervisord.core.units import MIB
 from supervisord.host import procfs
-from supervisord.host.cgroup.base import AgentCgroup
+from supervisord.host.cgroup.base import SHIM_NAME, AgentCgroup
 from supervisord.host.procfs import ProcEntry, StatmCache
 
 # An agent whose cgroup usage has not moved is still read in full this often.
@@ -100,8 +100,8 @@ class Sampler:
     # Per agent: members seen outside its cgroup. The group's count no longer covers such a
     # tree (what they had charged stays where they went), so it is measured by RSS from then.
     _escaped: dict[str, set[Identity]] = field(default_factory=lambda: defaultdict(set))
-    # Agents whose own process was seen in their group: until then it is the launch's shim,
-    # not yet joined (every process it forks afterwards is born inside).
+    # Agents whose own process was seen in their group (before that, missing from the group
+    # is an escape only once it is past the launch's shim, which joins it).
     _root_joined: set[str] = field(default_factory=set)
 
     @property
@@ -213,8 +213,10 @@ class Sampler:
         if root.pid in group:
             self._root_joined.add(agent_id)
         for pid, start in members:
-            if pid in group or (pid == root.pid and agent_id not in self._root_joined):
+            if pid in group:
                 continue
+            if pid == root.pid and agent_id not in self._root_joined and _in_shim(pid):
+                continue  # not joined yet: the shim joins, then becomes the agent
             entry = procfs.read_entry(pid)
             if entry is None or entry.start != start or entry.zombie:
                 continue  # ended, not escaped
@@ -319,6 +321,11 @@ class Sampler:
                 self._unrelated.add(ident)
         live = {(e.pid, e.start) for e in table.values()}
         self._unrelated &= live
+
+
+def _in_shim(pid: int) -> bool:
+    """Still the launch's shim, which joins the agent's group before it execs the agent."""
+    return any(arg == SHIM_NAME for arg in procfs.cmdline(pid))
 
 
 def _usage(root: Root) -> int | None:
