@@ -16,7 +16,6 @@ from typing import Any
 import pytest
 
 from supervisord.config.home import Home
-from supervisord.control.client import Client
 from tests.conftest import (
     AGENTS,
     PYTHON,
@@ -102,8 +101,7 @@ def test_typed_lines_reach_the_agent_and_ctrl_c_ends_it_with_130(pane: Pane, hom
     pane.wait_for(r"(?m)^ready$")
     pane.type("hello there", "Enter")
     pane.wait_for(r"answer: hello there")
-    with Client(home.socket_path(None), timeout_s=10) as client:
-        agents = client.stats()["agents"]
+    agents = CLI(home).json("stats")["agents"]  # `claude-pm stats` lists it while it runs
     assert [(a["agent_type"], a["command"][-1]) for a in agents] == [
         ("echo", str(AGENTS / "echoer.py"))
     ]
