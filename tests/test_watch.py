@@ -4,6 +4,7 @@ launched agents, and let go without a signal."""
 from __future__ import annotations
 
 import os
+import pwd
 import signal
 import subprocess
 import time
@@ -177,3 +178,38 @@ def test_a_watched_agent_is_readopted_by_the_next_daemon(
         client.unwatch(sid)
     assert alive(sleeper.pid)
     assert sleeper.cgroup() == before
+
+
+def test_the_reason_line_never_goes_where_the_agents_user_may_not_write(
+    short_tmp: Path,
+) -> None:
+    """A root daemon reopening /proc/PID/fd/2 gets root's rights: a file a user holds only
+    for reading (or any regular file) is refused, a pipe or terminal of theirs is used."""
+    from supervisord.host.watching import open_stderr
+
+    nobody = pwd.getpwnam("nobody")
+    precious = short_tmp / "precious"
+    precious.write_text("keep me\n")
+    precious.chmod(0o644)  # root's, world-readable: nobody may read it, not write it
+    with open(precious, "rb") as readonly:
+        held = subprocess.Popen(["sleep", "30"], stderr=readonly, user=nobody.pw_uid)
+    try:
+        assert open_stderr(held.pid, nobody.pw_uid) is None
+        assert open_stderr(held.pid, 0) is None  # a regular file, whoever's
+    finally:
+        held.kill()
+        held.wait()
+    assert precious.read_text() == "keep me\n"
+    read_end, write_end = os.pipe()
+    piped = subprocess.Popen(["sleep", "30"], stderr=write_end)
+    os.close(write_end)
+    try:
+        out = open_stderr(piped.pid, 0)
+        assert out is not None
+        out.write("claude-pm: the line\n")
+        out.close()
+        assert os.read(read_end, 100) == b"claude-pm: the line\n"
+    finally:
+        piped.kill()
+        piped.wait()
+        os.close(read_end)

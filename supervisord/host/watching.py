@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 from dataclasses import dataclass
 from typing import IO
 
@@ -61,10 +62,28 @@ def type_from_command(command: tuple[str, ...] | list[str]) -> str:
     return name if name[:1].isalpha() else f"agent-{name}".rstrip("-")
 
 
-def open_stderr(pid: int) -> IO[str] | None:
+def open_stderr(pid: int, owner_uid: int) -> IO[str] | None:
     """The process's own stderr, for the daemon's one line when it ends the agent (the
-    terminal a `claude-pm run` was typed in). None when it cannot be opened."""
+    terminal a `claude-pm run` was typed in). None when it cannot be, or may not be, used.
+
+    Opening ``/proc/PID/fd/2`` opens the file anew with the daemon's rights, not the mode the
+    process holds it in: a root daemon must not write (or truncate) a file that a user only
+    holds open for reading. So only a terminal, pipe or socket that ``owner_uid`` owns and may
+    write qualifies (for root, any of those kinds); never a regular file. Appending and
+    non-blocking: a full pipe never stalls the daemon.
+    """
+    path = f"/proc/{pid}/fd/2"
     try:
-        return open(f"/proc/{pid}/fd/2", "w", encoding="utf-8", errors="replace")
+        st = os.stat(path)
     except OSError:
         return None
+    kind_ok = stat.S_ISCHR(st.st_mode) or stat.S_ISFIFO(st.st_mode) or stat.S_ISSOCK(st.st_mode)
+    owned = owner_uid == 0 or (st.st_uid == owner_uid and bool(st.st_mode & stat.S_IWUSR))
+    if not (kind_ok and owned):
+        return None
+    flags = os.O_WRONLY | os.O_APPEND | os.O_NOCTTY | os.O_NONBLOCK | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags)
+    except OSError:
+        return None
+    return os.fdopen(fd, "w", encoding="utf-8", errors="replace")

@@ -72,7 +72,7 @@ class Adoption(Lifecycle):
             template=command,
             watched=True,
             origin=origin,
-            notify=None if run is None else watching.open_stderr(target.pid),
+            notify=None if run is None else watching.open_stderr(target.pid, target.uid),
         )
         self._register(agent)
         self.request_full_scan()  # its descendants, now
