@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Iterator
 from pathlib import Path
+
+from supervisord.host.tail import tail_records
 
 # Enough for thousands of runs, little enough to read at every start.
 TAIL_BYTES = 4 * 1024 * 1024
@@ -14,16 +14,8 @@ TAIL_BYTES = 4 * 1024 * 1024
 def recent_runs(path: Path, tail_bytes: int = TAIL_BYTES) -> Iterator[tuple[str, float, bool]]:
     """(agent_type, peak_mb, aborted) of the last runs recorded, oldest first. Lines that are
     not records (cut by the tail, or damaged) are passed over: this is a hint, not a report."""
-    try:
-        with open(path, "rb") as f:
-            size = f.seek(0, os.SEEK_END)
-            f.seek(max(0, size - tail_bytes))
-            data = f.read()
-    except OSError:
-        return
-    for line in data.splitlines():
+    for record in tail_records(path, tail_bytes):
         try:
-            record = json.loads(line)
             memory = record["memory_stats"]
             run = (str(record["agent_type"]), float(memory["peak_mb"]), bool(memory["aborted"]))
         except (ValueError, KeyError, TypeError):
