@@ -398,3 +398,25 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from supervisord.cli import demo
 
     return demo.run()
+
+
+def cmd_mcp(args: argparse.Namespace) -> int:
+    # Imported here: the SDK is an optional extra, and the rest of the CLI must not need it.
+    try:
+        from supervisord.mcpserver import server
+    except ModuleNotFoundError as exc:
+        if exc.name is None or not exc.name.startswith("mcp"):
+            raise
+        error(
+            "claude-pm mcp needs the MCP SDK: pip install 'claude-pm-supervisord[mcp]' "
+            f"({exc.name} is not installed)"
+        )
+        return FAILED
+    return server.main(_home())
+
+
+def cmd_completion(args: argparse.Namespace) -> int:
+    from supervisord.cli import completion
+
+    sys.stdout.write(completion.script(args.shell))
+    return OK

@@ -11,16 +11,28 @@ import shlex
 import sys
 from collections.abc import Callable, Sequence
 
+import argcomplete
+
 from supervisord import __version__
-from supervisord.cli import handlers as h
-from supervisord.cli.handlers import FAILED, NOT_RUNNING, OK, USAGE, Handler, error
+from supervisord.cli import completion
 from supervisord.core.errors import ConfigError, DaemonNotRunning, SupervisordError, UsageError
 from supervisord.core.kinds import Level
-from supervisord.observe.reports import REPORTS
+
+# observe.reports.REPORTS, which imports psutil and more than a TAB should wait for
+# (tests/test_completion.py keeps the two equal).
+REPORTS = ("health", "growth", "leaks", "weekly", "thresholds")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    if argv is None:
+        # A TAB in bash, zsh or fish runs us with _ARGCOMPLETE set: this prints the candidates
+        # and exits, before the handlers (and all they import) are loaded. Options only once
+        # a "-" is typed, so `stop <TAB>` offers ids, not --help and --json among them.
+        argcomplete.autocomplete(parser, always_complete_options=False)
+    from supervisord.cli import handlers as h
+    from supervisord.cli.handlers import FAILED, NOT_RUNNING, OK, USAGE, Handler, error
+
     args_list = list(sys.argv[1:] if argv is None else argv)
     # `launch TYPE [OPTIONS] -- CMD ...`: everything after `--` is the agent's command, verbatim,
     # and the options before it are ours (argparse.REMAINDER would swallow them into CMD).
@@ -34,7 +46,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(exc.code or 0)
     if command_tail is not None:
         args.cmd = [*args.cmd, *command_tail]
-    handler: Handler = args.handler
+    handler: Handler = getattr(h, f"cmd_{args.command}")
     try:
         return handler(args)
     except DaemonNotRunning as exc:
@@ -65,10 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def add(name: str, handler: Handler, help_text: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help_text, description=help_text)
-        p.set_defaults(handler=handler)
-        return p
+    # Each command's handler is handlers.cmd_COMMAND, looked up once parsed (see main).
+    def add(name: str, help_text: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help_text, description=help_text)
 
     _daemon_commands(add)
     _agent_commands(add)
@@ -77,20 +88,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-Add = Callable[[str, Handler, str], argparse.ArgumentParser]
+Add = Callable[[str, str], argparse.ArgumentParser]
 
 
 def _daemon_commands(add: Add) -> None:
-    p = add("init", h.cmd_init, "create the home and config; start the daemon if not running")
+    p = add("init", "create the home and config; start the daemon if not running")
     p.add_argument("--no-start", action="store_true", help="only create the home and config")
-    p = add("daemon", h.cmd_daemon, "run the daemon in the foreground")
+    p = add("daemon", "run the daemon in the foreground")
     p.add_argument("--detach", action="store_true", help="fork into the background once ready")
-    p = add("status", h.cmd_status, "daemon, thresholds, system memory and agents")
+    p = add("status", "daemon, thresholds, system memory and agents")
     p.add_argument("--json", action="store_true")
 
 
 def _agent_commands(add: Add) -> None:
-    p = add("launch", h.cmd_launch, "launch an agent under supervision; prints its subprocess_id")
+    p = add("launch", "launch an agent under supervision; prints its subprocess_id")
     p.add_argument("agent_type", metavar="TYPE")
     _limit_options(p)
     p.add_argument("--cwd", metavar="DIR")
@@ -114,7 +125,7 @@ def _agent_commands(add: Add) -> None:
         action="store_true",
         help="wait (through the queue and its restarts) for it to end; print its record",
     )
-    p.add_argument(
+    after = p.add_argument(
         "--after",
         action="append",
         default=[],
@@ -122,6 +133,7 @@ def _agent_commands(add: Add) -> None:
         metavar="ID[,ID...]",
         help="start once these agents have ended with exit code 0",
     )
+    _complete(after, completion.after)
     _restart_options(p)
     p.add_argument("--json", action="store_true")
     p.add_argument("cmd", nargs="*", metavar="-- CMD [ARG ...]")
@@ -129,39 +141,39 @@ def _agent_commands(add: Add) -> None:
 
 
 def _running_agent_commands(add: Add) -> None:
-    p = add("stats", h.cmd_stats, "statistics of all agents, or of one")
-    p.add_argument("subprocess_id", nargs="?", metavar="ID")
+    p = add("stats", "statistics of all agents, or of one")
+    _complete(p.add_argument("subprocess_id", nargs="?", metavar="ID"), completion.running)
     p.add_argument(
         "--pss", action="store_true", help="add each tree's PSS (reads every smaps_rollup: slow)"
     )
     p.add_argument("--json", action="store_true")
-    p = add("stop", h.cmd_stop, "stop an agent: SIGTERM its tree, SIGKILL what remains after grace")
-    p.add_argument("subprocess_id", metavar="ID")
+    p = add("stop", "stop an agent: SIGTERM its tree, SIGKILL what remains after grace")
+    _complete(p.add_argument("subprocess_id", metavar="ID"), completion.running)
     p.add_argument("--grace", type=_non_negative, metavar="S")
     p.add_argument("--json", action="store_true")
-    p = add("kill", h.cmd_kill, "SIGKILL an agent's whole tree now")
-    p.add_argument("subprocess_id", metavar="ID")
+    p = add("kill", "SIGKILL an agent's whole tree now")
+    _complete(p.add_argument("subprocess_id", metavar="ID"), completion.running)
     p.add_argument("--json", action="store_true")
-    p = add("restart", h.cmd_restart, "end an agent's run (usual escalation); start its next now")
-    p.add_argument("subprocess_id", metavar="ID")
+    p = add("restart", "end an agent's run (usual escalation); start its next now")
+    _complete(p.add_argument("subprocess_id", metavar="ID"), completion.running)
     p.add_argument("--grace", type=_non_negative, metavar="S")
     p.add_argument("--json", action="store_true")
-    p = add("run", h.cmd_run, "run CMD here, in the foreground, supervised like a launched agent")
+    p = add("run", "run CMD here, in the foreground, supervised like a launched agent")
     p.add_argument("--type", dest="agent_type", metavar="TYPE", help="default: CMD's name")
     _limit_options(p)
     p.add_argument("cmd", nargs="*", metavar="-- CMD [ARG ...]")
-    p = add("watch", h.cmd_watch, "supervise a tree already running (yours): limits, records")
+    p = add("watch", "supervise a tree already running (yours): limits, records")
     p.add_argument("pid", type=int, metavar="PID")
     p.add_argument("--type", dest="agent_type", metavar="TYPE", help="default: its command's name")
     _limit_options(p)
     p.add_argument("--json", action="store_true")
-    p = add("unwatch", h.cmd_unwatch, "stop supervising a watched tree, without a signal")
-    p.add_argument("subprocess_id", metavar="ID")
+    p = add("unwatch", "stop supervising a watched tree, without a signal")
+    _complete(p.add_argument("subprocess_id", metavar="ID"), completion.running)
     p.add_argument("--json", action="store_true")
-    p = add("queue", h.cmd_queue, "launches waiting for room, for their restart, or for others")
+    p = add("queue", "launches waiting for room, for their restart, or for others")
     p.add_argument("--json", action="store_true")
-    p = add("cancel", h.cmd_cancel, "take a waiting launch out of the queue")
-    p.add_argument("subprocess_id", metavar="ID")
+    p = add("cancel", "take a waiting launch out of the queue")
+    _complete(p.add_argument("subprocess_id", metavar="ID"), completion.waiting)
     p.add_argument("--json", action="store_true")
 
 
@@ -200,28 +212,40 @@ def _restart_options(p: argparse.ArgumentParser) -> None:
 
 
 def _log_commands(add: Add) -> None:
-    p = add("events", h.cmd_events, "alert history; --follow streams alerts and exits live")
+    p = add("events", "alert history; --follow streams alerts and exits live")
     p.add_argument("--follow", "-f", action="store_true")
     p.add_argument("--level", type=str.upper, choices=[Level.WARNING.name, Level.CRITICAL.name])
     p.add_argument("--json", action="store_true")
-    p = add("logs", h.cmd_logs, "an agent's output")
-    p.add_argument("subprocess_id", metavar="ID")
+    p = add("logs", "an agent's output")
+    _complete(p.add_argument("subprocess_id", metavar="ID"), completion.logged)
     p.add_argument("--follow", "-f", action="store_true")
-    p = add("report", h.cmd_report, "analyses of the logs (no daemon needed)")
+    p = add("report", "analyses of the logs (no daemon needed)")
     p.add_argument("name", choices=REPORTS)
-    p.add_argument("subprocess_id", nargs="?", metavar="ID", help="for growth: one agent")
+    growth = p.add_argument("subprocess_id", nargs="?", metavar="ID", help="for growth: one agent")
+    _complete(growth, completion.growth)
     p.add_argument("--json", action="store_true")
 
 
 def _control_commands(add: Add) -> None:
-    add("reload", h.cmd_reload, "re-read config and CLAUDE_PM_* variables; apply to running agents")
-    p = add("shutdown", h.cmd_shutdown, "stop the daemon (and its agents, unless --leave-agents)")
+    add("reload", "re-read config and CLAUDE_PM_* variables; apply to running agents")
+    p = add("shutdown", "stop the daemon (and its agents, unless --leave-agents)")
     p.add_argument("--leave-agents", action="store_true")
     p.add_argument("--no-wait", action="store_true", help="return without waiting for the exit")
-    add("demo", h.cmd_demo, "a self-contained run that shows the whole escalation")
-    p = add("top", h.cmd_top, "live view of system memory and every agent (q quits)")
+    add("demo", "a self-contained run that shows the whole escalation")
+    add("mcp", "serve the supervisor to an orchestrating agent: MCP over stdio")
+    p = add("top", "live view of system memory and every agent (q quits)")
     p.add_argument("--interval", type=_positive, default=1.0, metavar="S", help="refresh, seconds")
     p.add_argument("--once", action="store_true", help="print one frame and exit")
+    p = add("completion", "print the shell completion script; --help says how to install it")
+    p.add_argument("shell", choices=completion.SHELLS, metavar="SHELL", help="bash, zsh or fish")
+    p.description = "print the script that makes SHELL complete claude-pm's commands and ids"
+    p.epilog = completion.INSTALL
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+
+
+def _complete(action: argparse.Action, completer: Callable[..., completion.Candidates]) -> None:
+    """``completer`` offers the candidates of ``action`` (argcomplete reads this attribute)."""
+    action.completer = completer  # type: ignore[attr-defined]
 
 
 # -- argument types ----------------------------------------------------------------------------
