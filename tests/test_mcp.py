@@ -173,6 +173,10 @@ async def test_bad_calls_are_tool_errors_and_the_server_carries_on(mcp_home: Hom
             client, "agent_log", subprocess_id="nobody_000000000000"
         )
 
+        # An id is never a path: agent_log builds one from it.
+        escape = await refused(client, "agent_log", subprocess_id="../../../etc/passwd")
+        assert "subprocess_id" in escape
+        assert "String should match pattern" in escape
         wrong_type = await refused(client, "agent_log", subprocess_id=42)
         assert "subprocess_id" in wrong_type
         assert "valid string" in wrong_type
@@ -183,10 +187,15 @@ async def test_bad_calls_are_tool_errors_and_the_server_carries_on(mcp_home: Hom
         assert "lines" in out_of_range
         assert "2000" in out_of_range
         bad_choice = await refused(
-            client, "launch_agent", agent_type="x", command=["true"], restart="sometimes"
+            client, "launch_agent", agent_type="x", command=["true"], restart={"mode": "often"}
         )
-        assert "restart" in bad_choice
+        assert "restart.mode" in bad_choice
         assert "on-failure" in bad_choice
+        typo = await refused(
+            client, "launch_agent", agent_type="x", command=["true"], restart={"mdoe": "always"}
+        )
+        assert "restart.mdoe" in typo
+        assert "Extra inputs are not permitted" in typo
 
         # The daemon's own refusals carry its code and message.
         missing = await refused(client, "launch_agent", agent_type="x", command=["/no/such"])
@@ -200,6 +209,24 @@ async def test_bad_calls_are_tool_errors_and_the_server_carries_on(mcp_home: Hom
 
         # After all of that, it still answers.
         assert (await call(client, "host_memory"))["host"]["budget_mb"] > 0
+
+
+@pytest.mark.anyio
+async def test_a_restart_policy_is_waited_through_to_the_last_run(mcp_home: Home) -> None:
+    async with connected(mcp_home) as client:
+        launched = await call(
+            client,
+            "launch_agent",
+            agent_type="flaky",
+            command=["/bin/sh", "-c", "exit 3"],
+            restart={"mode": "on-failure", "delay_s": 0, "limit": 3, "window_s": 600},
+        )
+        ended = await call(
+            client, "wait_agent", subprocess_id=launched["subprocess_id"], timeout_s=30
+        )
+    record = ended["record"]
+    assert (record["reason"], record["exit_code"]) == ("exited", 3)
+    assert (record["run"], record["restarts"], record["next_restart_s"]) == (3, 2, None)
 
 
 @pytest.mark.anyio

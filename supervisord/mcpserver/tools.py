@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 from mcp.server.mcpserver import MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp.types import ToolAnnotations
-from pydantic import Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from supervisord.core.errors import NotFoundError
 from supervisord.mcpserver import records
@@ -32,16 +32,61 @@ LAUNCH = (
     "(SIGTERM, then SIGKILL after grace_s) at max_mb or after timeout_s. Give `command` (argv "
     "list, no shell) or `task` (text for the type's configured command template). Returns "
     "subprocess_id and pid; when the host's memory budget is full it waits in a queue instead "
-    "(queued: true, pid: null, position). Limits left out are the type's or the daemon's." + ERRORS
+    "(queued: true, pid: null, position). Limits left out are the type's or the daemon's. "
+    "`restart` brings it back after it ended (same subprocess_id; wait_agent waits through "
+    "its runs)." + ERRORS
 )
+# What subprocess ids are made of (TYPE_HEX); never a path, since agent_log builds one from it.
+ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 AgentId = Annotated[
     str,
-    Field(min_length=1, description="The agent's subprocess_id, as launch_agent returned it."),
+    Field(
+        pattern=ID_PATTERN,
+        description="The agent's subprocess_id, as launch_agent returned it.",
+    ),
 ]
+SomeAgent = Annotated[str | None, Field(pattern=ID_PATTERN, description="One agent's id.")]
 MB = Annotated[float | None, Field(gt=0, description="Megabytes (MiB) of the agent's tree.")]
 Seconds = Annotated[float | None, Field(ge=0, description="Seconds.")]
 READ_ONLY = ToolAnnotations(read_only_hint=True, open_world_hint=False)
 ENDS = ToolAnnotations(destructive_hint=True, idempotent_hint=True, open_world_hint=False)
+
+
+class Restart(BaseModel):
+    """When the agent comes back after it ended (keys left out: its type's, or none)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    mode: Literal["no", "on-failure", "on-abort", "always"] = Field(
+        description="Which ends bring it back; on-abort: ended for memory, time or pressure."
+    )
+    delay_s: float | None = Field(None, ge=0, description="First delay, seconds.")
+    backoff: float | None = Field(None, ge=1, description="Delay factor per quick failure.")
+    delay_max_s: float | None = Field(None, ge=0, description="Longest delay, seconds.")
+    limit: int | None = Field(None, ge=1, description="Most runs within window_s.")
+    window_s: float | None = Field(None, gt=0, description="Seconds.")
+    resume_command: list[str] | None = Field(
+        None,
+        min_length=1,
+        description="Argv of each run after the first; {session_uuid}, {session_id} filled in.",
+    )
+    session_pattern: str | None = Field(
+        None, description="Regex with one group: the session id in the agent's output."
+    )
+
+    def keys(self) -> dict[str, Any]:
+        """As the daemon's launch takes them."""
+        values = {
+            "restart": self.mode,
+            "restart_delay_s": self.delay_s,
+            "restart_backoff": self.backoff,
+            "restart_delay_max_s": self.delay_max_s,
+            "restart_limit": self.limit,
+            "restart_window_s": self.window_s,
+            "resume_command": self.resume_command,
+            "session_pattern": self.session_pattern,
+        }
+        return {key: value for key, value in values.items() if value is not None}
 
 
 def register(server: MCPServer, daemon: Daemon) -> None:
@@ -78,8 +123,7 @@ def _launching(server: MCPServer, daemon: Daemon) -> None:
         max_mb: MB = None,
         timeout_s: Annotated[float | None, Field(gt=0, description="Seconds to run.")] = None,
         grace_s: Seconds = None,
-        restart: Literal["no", "on-failure", "on-abort", "always"] | None = None,
-        restart_limit: Annotated[int | None, Field(ge=1, description="Runs per window.")] = None,
+        restart: Restart | None = None,
         priority: Annotated[int | None, Field(description="Higher: admitted first.")] = None,
         request_mb: MB = None,
         on_pressure: Literal["stop", "requeue"] | None = None,
@@ -91,11 +135,10 @@ def _launching(server: MCPServer, daemon: Daemon) -> None:
         limits = {"warning_mb": warning_mb, "critical_mb": critical_mb, "max_mb": max_mb}
         if grace_s is not None:
             limits["term_grace_s"] = grace_s
-        restart_keys = {"restart": restart, "restart_limit": restart_limit}
         return dict(
             await daemon.request(
                 "launch",
-                **{k: v for k, v in restart_keys.items() if v is not None},
+                **(restart.keys() if restart else {}),
                 agent_type=agent_type,
                 command=command,
                 task=task,
@@ -138,9 +181,7 @@ def _looking(server: MCPServer, daemon: Daemon) -> None:
         ),
         annotations=READ_ONLY,
     )
-    async def agent_stats(
-        subprocess_id: Annotated[str | None, Field(min_length=1)] = None, pss: bool = False
-    ) -> dict[str, Any]:
+    async def agent_stats(subprocess_id: SomeAgent = None, pss: bool = False) -> dict[str, Any]:
         return dict(await daemon.request("stats", subprocess_id=subprocess_id, pss=pss or None))
 
     @server.tool(
@@ -245,6 +286,6 @@ def _reading(server: MCPServer, daemon: Daemon) -> None:
     async def recent_alerts(
         count: Annotated[int, Field(ge=1, le=500, description="How many alerts.")] = 20,
         level: Literal["WARNING", "CRITICAL"] | None = None,
-        subprocess_id: Annotated[str | None, Field(min_length=1)] = None,
+        subprocess_id: SomeAgent = None,
     ) -> dict[str, Any]:
         return records.recent_alerts(daemon.home.alerts_log, count, level, subprocess_id)
