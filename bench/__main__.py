@@ -1,5 +1,5 @@
 """``python -m bench [BENCH ...] [--quick] [--json PATH]``, BENCH of overhead, leak, control,
-launch, restart, fleet.
+launch, restart, fleet, orchestrate.
 
 Runs the chosen benchmarks (all by default) one after the other, never two at once (they
 would measure each other), prints the table and writes the JSON. A benchmark that fails is
@@ -25,7 +25,7 @@ from bench.common import (
     write_json,
 )
 
-BENCHES = ("overhead", "leak", "control", "launch", "restart", "fleet")
+BENCHES = ("overhead", "leak", "control", "launch", "restart", "fleet", "orchestrate")
 
 
 def main(argv: list[str] | None = None) -> int:

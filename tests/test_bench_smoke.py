@@ -42,6 +42,12 @@ EXPECTED = {
     },
     "launch": {"launch.per_s", "launch.p50_ms", "launch.p99_ms"},
     "restart": {"restart.p50_ms", "restart.p99_ms"},
+    "orchestrate": {
+        "orchestrate.mcp_list_agents_p50_ms",
+        "orchestrate.mcp_list_agents_p99_ms",
+        "orchestrate.tab_command_ms",
+        "orchestrate.tab_ids_ms",
+    },
     "fleet": {
         f"fleet.{figure}"
         for figure in (
