@@ -86,9 +86,11 @@ def mcp_home(home: Home) -> Iterator[Home]:
 
 
 @asynccontextmanager
-async def connected(home: Home) -> AsyncIterator[Client]:
+async def connected(home: Home, mode: str = "auto") -> AsyncIterator[Client]:
+    """``mode`` "legacy": the initialize handshake of the protocol before 2026-07-28, as
+    older clients connect."""
     with anyio.fail_after(30):
-        async with Client(params(home)) as client:
+        async with Client(params(home), mode=mode) as client:
             yield client
 
 
@@ -164,7 +166,8 @@ async def test_an_orchestrator_launches_watches_and_collects_a_leaker(mcp_home: 
 
 @pytest.mark.anyio
 async def test_bad_calls_are_tool_errors_and_the_server_carries_on(mcp_home: Home) -> None:
-    async with connected(mcp_home) as client:
+    async with connected(mcp_home, mode="legacy") as client:
+        assert client.protocol_version < "2026"
         for tool in ("stop_agent", "kill_agent", "agent_stats", "restart_agent", "wait_agent"):
             text = await refused(client, tool, subprocess_id="nobody_000000000000")
             assert "not_found:" in text, (tool, text)
