@@ -247,6 +247,22 @@ async def test_a_daemon_restart_between_calls_is_survived(mcp_home: Home) -> Non
         assert second != first
 
 
+@pytest.mark.anyio
+async def test_a_broken_config_is_said_by_each_call_and_the_server_serves_on(
+    mcp_home: Home,
+) -> None:
+    good = mcp_home.config_file.read_text()
+    mcp_home.config_file.write_text('[memory]\nmax_mb = "lots"\n')
+    async with connected(mcp_home) as client:
+        for _ in range(2):
+            text = await refused(client, "list_agents")
+            assert "invalid_config:" in text
+            assert "max_mb" in text
+        assert daemon_pid(mcp_home) is None  # none was started on a config it would refuse
+        mcp_home.config_file.write_text(good)
+        assert (await call(client, "list_agents"))["agent_count"] == 0
+
+
 def test_the_server_ends_when_its_client_goes_away(mcp_home: Home) -> None:
     # An empty standard input: the client connected and left without a word.
     done = subprocess.run(

@@ -117,4 +117,8 @@ async def relay(daemon: Daemon, bus: SubscriptionBus) -> None:
                         await bus.publish(update)
         except (SupervisordError, OSError) as exc:
             log.info("daemon events unavailable (%s); trying again", exc)
+        except Exception:
+            # Notifications are a convenience: whatever breaks them must not end the server
+            # (this task shares its task group), so it is logged and the relay starts over.
+            log.exception("relaying the daemon's events failed; trying again")
         await anyio.sleep(RESUBSCRIBE_S)

@@ -13,7 +13,6 @@ from mcp.server.subscriptions import InMemorySubscriptionBus, SubscriptionBus
 
 from supervisord import __version__
 from supervisord.config.home import Home
-from supervisord.core.errors import SupervisordError
 from supervisord.mcpserver import resources, tools
 from supervisord.mcpserver.daemon import Daemon
 
@@ -54,7 +53,9 @@ async def serve(home: Home) -> None:
 async def _start_then_relay(daemon: Daemon, bus: SubscriptionBus) -> None:
     try:
         await daemon.ensure_running()
-    except (SupervisordError, OSError) as exc:  # said on stderr; each tool call says it again
+    except Exception as exc:
+        # Said on stderr, and by each tool call again: the server serves on regardless (this
+        # task shares its task group, so nothing may escape it).
         resources.log.warning("cannot start the daemon of %s: %s", daemon.home.root, exc)
     await resources.relay(daemon, bus)
 
