@@ -53,6 +53,8 @@ def move(directory: Path, pids: Iterable[int]) -> list[str]:
     for pid in pids:
         try:
             write_file(directory / "cgroup.procs", str(pid))
+        except ProcessLookupError:
+            continue  # it ended since the tree was read: nothing of it is left to move
         except OSError as exc:
             problems.append(f"pid {pid}: {exc.strerror or exc}")
     return problems
