@@ -900,3 +900,22 @@ def test_resume_end_without_a_recorded_sigterm_starts_the_escalation_over() -> N
     )
     assert actions == [Signal(signal.SIGTERM, EndReason.TIMEOUT)]
     assert state.term_sent_at == 10.0
+
+
+def test_an_agent_being_ended_is_going_until_its_sigkill_is_long_past() -> None:
+    assert not policy.going(AgentState(started_at=0.0), 5.0)  # not being ended at all
+    # SIGTERM at 10 with 3 s of grace: going throughout, whatever the time.
+    terminated, _ = policy.request_end(AgentState(started_at=0.0), 10.0, EndReason.STOPPED, 3.0)
+    assert policy.going(terminated, 10.0)
+    assert policy.going(terminated, 100.0)
+    # The grace ran out at 13: SIGKILL; the tree should be gone 2 s later at the latest.
+    killed, actions = policy.step(terminated, 13.0, Limits())
+    assert Signal(signal.SIGKILL, EndReason.STOPPED) in actions
+    assert policy.going(killed, 13.0)
+    assert policy.going(killed, 14.99)
+    assert not policy.going(killed, 15.0)
+    # Killed at once (grace 0, as at the common ceiling): the same 2 s from the kill.
+    at_once, _ = policy.request_end(AgentState(started_at=0.0), 20.0, EndReason.HOST_PRESSURE, 0)
+    assert at_once.kill_sent
+    assert policy.going(at_once, 21.9)
+    assert not policy.going(at_once, 22.0, stuck_after_s=2.0)

@@ -66,6 +66,22 @@ class AgentState:
     predicted_at: float | None = None
 
 
+# A SIGKILLed tree gives its memory back in milliseconds; one still there after this is stuck
+# (uninterruptible I/O), and no reason to hold off ending another.
+STUCK_AFTER_KILL_S = 2.0
+
+
+def going(state: AgentState, now: float, stuck_after_s: float = STUCK_AFTER_KILL_S) -> bool:
+    """Whether an agent being ended is on its way out: not SIGKILLed yet, or SIGKILLed less
+    than ``stuck_after_s`` ago. The SIGKILL went out when the grace ran out at the latest
+    (sooner for a kill during the grace), so this never waits longer than that."""
+    if state.ending is None:
+        return False
+    if not state.kill_sent or state.term_sent_at is None:
+        return True
+    return now - (state.term_sent_at + state.grace_s) < stuck_after_s
+
+
 def threshold(limits: Limits, level: Level) -> float:
     return {Level.WARNING: limits.warning_mb, Level.CRITICAL: limits.critical_mb}.get(level, 0.0)
 

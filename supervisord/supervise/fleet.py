@@ -36,6 +36,10 @@ from supervisord.supervise.engine import Engine, RecordSink
 from supervisord.supervise.pressure import HostGuard, Shed
 
 log = structlog.get_logger("supervisord.supervise.fleet")
+# How long admission waits after a shed: a check interval (the next sample), half a second at
+# the least.
+SHED_HOLD_INTERVALS = 1
+SHED_HOLD_MIN_S = 0.5
 
 
 class Fleet(Engine):
@@ -62,6 +66,7 @@ class Fleet(Engine):
         self._total_watch: anyio.CancelScope | None = None
         self._pressure_due = False
         self._available = RecentAvailable()
+        self._shed_at = float("-inf")
 
     async def _start(self, waiting: Waiting) -> Agent:
         """Start a launch now (the supervisor's)."""
@@ -94,8 +99,18 @@ class Fleet(Engine):
         at = self.clock() if now is None else now
         return [agent.claim(at) for agent in self.agents.values()]
 
+    def _held_off(self) -> bool:
+        """Right after a shed, nothing is admitted for a moment (the kubelet's eviction
+        pressure transition, in short): the figures that made room were read as the victim
+        went, while the agents that pressed on kept growing, and a launch let in on them
+        (the victim itself, requeued) would be shed again at once."""
+        hold_s = max(SHED_HOLD_INTERVALS * self.config.daemon.check_interval_s, SHED_HOLD_MIN_S)
+        return self.clock() < self._shed_at + hold_s
+
     async def _admit_waiting(self) -> None:
         """Start queued launches while the head of the queue fits."""
+        if self._held_off():
+            return
         while self.admission:
             waiting = self.admission.next_ready(self._claims(), self._available())
             if waiting is None:
@@ -127,6 +142,7 @@ class Fleet(Engine):
         """End the victim with the usual escalation (at once: ``grace_s`` 0), reason
         host_pressure, after an alert with the host's figures."""
         agent = self.agents[shed.victim.subprocess_id]
+        self._shed_at = self.clock()
         memory = system_memory().as_dict()
         alert = agent.pressure_alert(shed.pressure, self.admission.budget, memory)
         self._publish_alert(alert)
@@ -202,11 +218,16 @@ class Fleet(Engine):
     def _at_ceiling(self) -> None:
         """Every agent together hit the kernel's ceiling (v1 pauses them there): agents
         already being ended are killed now, else the one the budget ranks last, not the one
-        the kernel would pick."""
-        ending = [a for a in self.agents.values() if a.state.ending and not a.state.kill_sent]
+        the kernel would pick. While one killed is still going, no other is: its memory is
+        on its way back, and the kernel may say "ceiling" again before it is (a tree still
+        there long after its SIGKILL is stuck: the next one goes, see ``policy.going``)."""
+        now = self.clock()
+        ending = [a for a in self.agents.values() if policy.going(a.state, now)]
         for agent in ending:
+            if agent.state.kill_sent:
+                continue
             agent.state, actions = policy.request_end(
-                agent.state, self.clock(), agent.state.ending or EndReason.HOST_PRESSURE, 0.0
+                agent.state, now, agent.state.ending or EndReason.HOST_PRESSURE, 0.0
             )
             self._carry_out(agent, actions)
         order = budgeting.shed_order(self._claims())
