@@ -1,5 +1,8 @@
 """Where an agent is now, what it left behind, and waiting for its end: what ``wait_agent``,
-``agent_log`` and the stats resources read, from the daemon and from the home's logs."""
+``agent_log`` and the stats resources read, from the daemon and from the home's logs.
+
+The log readers are plain functions that read up to megabytes: callers on the event loop run
+them in a worker thread, so one big read does not hold up every other call."""
 
 from __future__ import annotations
 
@@ -62,7 +65,7 @@ async def wait_for_end(daemon: Daemon, subprocess_id: str, timeout_s: float) -> 
             # Subscribed before looking, so an exit between the two cannot slip by.
             events = await watcher.subscribe(types=[EventType.EXIT, EventType.CANCELLED])
             if await whereabouts(daemon, subprocess_id) is None:
-                return _ended_before(daemon, subprocess_id)
+                return await _ended_before(daemon, subprocess_id)
             with anyio.move_on_after(timeout_s):
                 async for event in events:
                     if _final(event, subprocess_id):
@@ -72,13 +75,13 @@ async def wait_for_end(daemon: Daemon, subprocess_id: str, timeout_s: float) -> 
         raise tool_error(exc) from exc
     now = await whereabouts(daemon, subprocess_id)
     if now is None:  # It ended just as the wait ran out.
-        return _ended_before(daemon, subprocess_id)
+        return await _ended_before(daemon, subprocess_id)
     state, stats = now
     return {"ended": False, "waited_s": timeout_s, "state": state, "stats": stats}
 
 
-def _ended_before(daemon: Daemon, subprocess_id: str) -> dict[str, Any]:
-    record = last_record(daemon.home.stats_log, subprocess_id)
+async def _ended_before(daemon: Daemon, subprocess_id: str) -> dict[str, Any]:
+    record = await anyio.to_thread.run_sync(last_record, daemon.home.stats_log, subprocess_id)
     if record is None:
         raise ToolError(
             f"{ErrorCode.NOT_FOUND}: no agent {subprocess_id!r} is running or waiting, "

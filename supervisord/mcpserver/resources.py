@@ -51,7 +51,9 @@ def register(server: MCPServer, daemon: Daemon) -> None:
         mime_type="application/x-ndjson",
     )
     async def alerts() -> str:
-        found = records.recent_alerts(daemon.home.alerts_log, ALERTS_SHOWN, None, None)
+        found = await anyio.to_thread.run_sync(
+            records.recent_alerts, daemon.home.alerts_log, ALERTS_SHOWN, None, None
+        )
         return "".join(json.dumps(alert) + "\n" for alert in found["alerts"])
 
     @server.resource(
@@ -76,7 +78,9 @@ def register(server: MCPServer, daemon: Daemon) -> None:
             raise ResourceError(str(exc)) from exc
         if now is not None:
             return _json({"state": now[0], **now[1]})
-        record = records.last_record(daemon.home.stats_log, subprocess_id)
+        record = await anyio.to_thread.run_sync(
+            records.last_record, daemon.home.stats_log, subprocess_id
+        )
         if record is None:
             raise ResourceNotFoundError(f"no agent {subprocess_id!r}, running or recorded")
         return _json({"state": "ended", **record})

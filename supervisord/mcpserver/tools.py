@@ -11,6 +11,7 @@ import os
 from pathlib import PurePath
 from typing import Annotated, Any, Literal
 
+import anyio
 from mcp.server.mcpserver import MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp.types import ToolAnnotations
@@ -273,7 +274,7 @@ def _reading(server: MCPServer, daemon: Daemon) -> None:
         lines: Annotated[int, Field(ge=1, le=2000, description="How many lines.")] = 50,
     ) -> dict[str, Any]:
         path = daemon.home.agent_log(subprocess_id)
-        return records.log_tail(path, subprocess_id, lines)
+        return await anyio.to_thread.run_sync(records.log_tail, path, subprocess_id, lines)
 
     @server.tool(
         description=(
@@ -288,4 +289,6 @@ def _reading(server: MCPServer, daemon: Daemon) -> None:
         level: Literal["WARNING", "CRITICAL"] | None = None,
         subprocess_id: SomeAgent = None,
     ) -> dict[str, Any]:
-        return records.recent_alerts(daemon.home.alerts_log, count, level, subprocess_id)
+        return await anyio.to_thread.run_sync(
+            records.recent_alerts, daemon.home.alerts_log, count, level, subprocess_id
+        )
