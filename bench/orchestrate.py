@@ -92,10 +92,10 @@ async def _socket_calls(daemon: Daemon, calls: int) -> list[float]:
     return times
 
 
-def _tab_ms(env: dict[str, str], line: str, tabs: int, scratch: Path) -> float:
-    """``claude-pm`` run as the completion scripts run it at a TAB; the median wall time."""
-    out = scratch / "candidates"
-    tab_env = {
+def tab_env(env: dict[str, str], line: str, out: Path) -> dict[str, str]:
+    """The environment argcomplete's shell scripts give ``claude-pm`` at a TAB after ``line``:
+    the candidates go to ``out``, one a line (tests/test_completion.py runs it so too)."""
+    return {
         **env,
         "_ARGCOMPLETE": "1",
         "_ARGCOMPLETE_IFS": "\n",
@@ -103,10 +103,16 @@ def _tab_ms(env: dict[str, str], line: str, tabs: int, scratch: Path) -> float:
         "COMP_LINE": line,
         "COMP_POINT": str(len(line)),
     }
+
+
+def _tab_ms(env: dict[str, str], line: str, tabs: int, scratch: Path) -> float:
+    """``claude-pm`` run as the completion scripts run it at a TAB; the median wall time."""
+    out = scratch / "candidates"
+    at_tab = tab_env(env, line, out)
     times = []
     for _ in range(tabs):
         start = time.perf_counter()
-        subprocess.run([CLAUDE_PM], env=tab_env, stdin=subprocess.DEVNULL, check=True)
+        subprocess.run([CLAUDE_PM], env=at_tab, stdin=subprocess.DEVNULL, check=True)
         times.append((time.perf_counter() - start) * 1000)
         if not out.read_text().strip():
             raise RuntimeError(f"completing {line!r} offered nothing")

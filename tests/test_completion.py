@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from bench.orchestrate import tab_env
 from supervisord.cli import handlers, main
 from supervisord.config.home import Home
 from supervisord.control.client import Client
@@ -192,14 +193,7 @@ def _wait_gone(client: Client, subprocess_id: str, timeout_s: float = 10.0) -> N
 def _direct(place: Place, line: str) -> tuple[subprocess.CompletedProcess[str], str, float]:
     """``claude-pm`` run as the scripts run it at a TAB, candidates written to a file."""
     out = place.scratch / "candidates"
-    env = {
-        **place.env(),
-        "_ARGCOMPLETE": "1",
-        "_ARGCOMPLETE_IFS": "\n",
-        "_ARGCOMPLETE_STDOUT_FILENAME": str(out),
-        "COMP_LINE": line,
-        "COMP_POINT": str(len(line)),
-    }
+    env = tab_env(place.env(), line, out)
     start = time.monotonic()
     done = subprocess.run(
         [CLAUDE_PM],
